@@ -1,0 +1,135 @@
+"""HF safetensors checkpoints: zero-copy reading (mmap) and streaming writing.
+
+Reading maps each shard file once and hands out tensors that are views of the mapping, so a
+conversion touches each byte once and holds no second copy of the model. Writing lays out the
+safetensors header first (all names, dtypes and shapes are known up front) and then streams one
+tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from checkpoints_conv.mapping import canonical_hf_name
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+_NAMES = {v: k for k, v in _DTYPES.items()}
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def read_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes); re-download or re-export it")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise ValueError(f"{path} is not a safetensors file (header length {n}); re-download or re-export it")
+        hdr = json.loads(f.read(n))
+    hdr.pop("__metadata__", None)
+    for name, info in hdr.items():
+        info["data_start"] = 8 + n + info["data_offsets"][0]
+    return hdr
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of an HF checkpoint; raises naming what is missing."""
+    index = folder / INDEX
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [f for f in files if not (folder / f).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder}: {INDEX} lists {len(files)} shard(s) but {missing} are missing; "
+                f"copy the complete checkpoint (all shards) into this folder"
+            )
+        return [folder / f for f in files]
+    if (folder / SINGLE).exists():
+        return [folder / SINGLE]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    bins = sorted(folder.glob("*.bin"))
+    hint = " (it has .bin files: load and re-save it with save_pretrained(safe_serialization=True))" if bins else ""
+    raise FileNotFoundError(f"{folder} has no model.safetensors or {INDEX}{hint}")
+
+
+class HFReader:
+    """Canonical-name access to the tensors of an HF checkpoint folder, as mmap views."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._entries: dict[str, tuple[Path, dict]] = {}
+        self.raw_names: dict[str, str] = {}
+        for file in weight_files(self.folder):
+            for name, info in read_header(file).items():
+                canon = canonical_hf_name(name)
+                if canon in self._entries:
+                    raise ValueError(f"{self.folder}: tensor {canon} appears twice ({name}); the checkpoint mixes key schemes")
+                self._entries[canon] = (file, info)
+                self.raw_names[canon] = name
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(info["shape"]) for k, (_, info) in self._entries.items()}
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _DTYPES[self._entries[name][1]["dtype"]]
+
+    def nbytes(self) -> int:
+        return sum(i["data_offsets"][1] - i["data_offsets"][0] for _, i in self._entries.values())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A read-only-in-spirit view of the mapped file (copy-on-write: writes never reach disk)."""
+        file, info = self._entries[name]
+        mm = self._maps.get(file)
+        if mm is None:
+            with open(file, "rb") as f:
+                mm = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        start, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        flat = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=info["data_start"])
+        return flat.view(dtype).view(info["shape"])
+
+    def close(self) -> None:
+        self._maps.clear()
+
+
+def write_safetensors(path: Path, entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+                      produce: Callable[[str], torch.Tensor], on_bytes: Callable[[int], None] = lambda n: None) -> None:
+    """Stream tensors into one safetensors file: header from `entries`, then `produce(name)` in order."""
+    entries = list(entries)
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape in entries:
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, dtype, shape in entries:
+            t = produce(name)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise AssertionError(f"{name}: produced {t.dtype}{tuple(t.shape)}, header says {dtype}{tuple(shape)}")
+            data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
+            f.write(memoryview(data))
+            on_bytes(data.nbytes)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,867 @@
+"""Typed run configuration: one YAML file per recipe -> nested dataclasses, validated.
+
+- Every field has a one-line docstring (the string literal on the line after it). `field_docs()`
+  reads them and `Config.to_yaml()` writes them as comments, so the resolved YAML printed by
+  `megatron-vr1 config RECIPE` (or any command's `--dry-run`) is also the reference.
+- Loading is strict: an unknown key is an error naming the key, its section and close matches;
+  a wrong type is an error naming the key, the expected type and the value.
+- Simple rules on one field live in each section's `__post_init__`; rules across sections in
+  `Config.__post_init__`; rules that need the model architecture in `Config.validate_against`.
+  The world size is not known here: `ParallelConfig.dp(world_size)` checks it at launch.
+- The architecture is never restated in YAML: `load_hf_arch(model.hf_path)` reads the HF
+  checkpoint's config.json.
+- Overrides: `load_config(path, ["optim.lr=1e-5", "ptst.stages[0].steps=5"])`; each value is
+  parsed as YAML (`ptst.stages=[{max_response_length: 64, group_size: 8}]` works too).
+- Relative paths: a path written in a YAML file is relative to that file's folder; a path given
+  as a command-line override is relative to the current directory. After loading, every path is
+  absolute, so the resolved config saved in the run folder is valid from anywhere.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import functools
+import inspect
+import json
+import math
+import os
+import re
+import tempfile
+import textwrap
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    hf_path: Path
+    """Hugging Face Qwen2.5-VL checkpoint folder (config.json, weights, tokenizer, processor)."""
+    mcore_path: Path | None = None
+    """Megatron checkpoint to start from (convert hf-to-mcore or an SFT run); null: hf_path's weights."""
+    freeze_vision: bool = False
+    """Freeze the vision tower and its merger (projector); the language model still trains."""
+    params_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Dtype of the trained weights and activations (float32 for CPU runs and parity tests)."""
+    fp8: Literal["hybrid", "e4m3"] | None = None
+    """Transformer Engine FP8 format for the language model's linear layers; null: no FP8."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """Transformer Engine FP8 scaling recipe (used only when fp8 is set)."""
+
+    def __post_init__(self):
+        _check_fields(self, "model")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size; must divide the attention heads, KV heads and FFN size."""
+    pp: int = 1
+    """Pipeline-parallel size; must divide the layers. Data-parallel size = world size / (tp*pp)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism over the tensor-parallel group (needs tp > 1)."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch in the training forward/backward passes."""
+
+    def __post_init__(self):
+        _check_fields(self, "parallel")
+        _at_least(self, "parallel", "tp", 1)
+        _at_least(self, "parallel", "pp", 1)
+        _at_least(self, "parallel", "micro_batch_size", 1)
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError(
+                "parallel.sequence_parallel (True) needs parallel.tp > 1 (tp is 1); "
+                "set parallel.sequence_parallel=false or raise parallel.tp"
+            )
+
+    def dp(self, world_size: int) -> int:
+        """Data-parallel size for `world_size` processes."""
+        if world_size % (self.tp * self.pp):
+            raise ValueError(
+                f"parallel.tp*parallel.pp ({self.tp}*{self.pp}={self.tp * self.pp}) must divide "
+                f"the world size ({world_size}); change tp/pp or the number of processes"
+            )
+        return world_size // (self.tp * self.pp)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train_path: Path | None = None
+    """RL rows: a parquet file with images, problem and answer columns (geometry3k schema)."""
+    val_path: Path | None = None
+    """Held-out RL rows (same schema) for validation accuracy; null: no validation."""
+    max_prompt_length: int = 4096
+    """Longest prompt in tokens, image tokens included; longer rows are counted and skipped."""
+    min_pixels: int = 3136
+    """Images with fewer pixels are upscaled (processor min_pixels, 4*28*28)."""
+    max_pixels: int = 1003520
+    """Images with more pixels are downscaled (processor max_pixels, 1280*28*28)."""
+    system_prompt: str | None = None
+    """System prompt of RL prompts; null: the chat template's default (Vision-R1 PTST)."""
+
+    def __post_init__(self):
+        _check_fields(self, "data")
+        _at_least(self, "data", "max_prompt_length", 1)
+        _at_least(self, "data", "min_pixels", 1)
+        if self.max_pixels < self.min_pixels:
+            raise ValueError(
+                f"data.max_pixels ({self.max_pixels}) must be >= data.min_pixels "
+                f"({self.min_pixels}); raise max_pixels or lower min_pixels"
+            )
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate of AdamW (a PTST stage may override it)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Schedule after warmup; cosine decays to 0 over the command's optimizer steps."""
+    warmup_ratio: float = 0.0
+    """Fraction of the command's optimizer steps with linear warmup from 0."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 1e-2
+    """AdamW decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+    def __post_init__(self):
+        _check_fields(self, "optim")
+        _positive(self, "optim", "lr")
+        _positive(self, "optim", "eps")
+        _at_least(self, "optim", "weight_decay", 0)
+        _at_least(self, "optim", "grad_clip", 0)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optim.warmup_ratio ({self.warmup_ratio}) must be in [0, 1)")
+        for i, beta in enumerate(self.betas):
+            if not 0 <= beta < 1:
+                raise ValueError(f"optim.betas[{i}] ({beta}) must be in [0, 1), e.g. [0.9, 0.999]")
+
+
+@dataclass(kw_only=True)
+class GRPOConfig:
+    reward: Literal["hfrrf", "format_and_result"] = "hfrrf"
+    """hfrrf: 1 only if format and answer are right (Vision-R1); format_and_result: 1:1 (Zero)."""
+    advantage: Literal["grpo", "drgrpo"] = "grpo"
+    """grpo: (r - group mean) / (group std + adv_eps); drgrpo: r - group mean (Dr. GRPO)."""
+    adv_eps: float = 1e-6
+    """Added to the group std in the grpo advantage."""
+    clip_low: float = 0.2
+    """PPO clip below 1: the ratio is clipped at 1 - clip_low."""
+    clip_high: float = 0.2
+    """PPO clip above 1: the ratio is clipped at 1 + clip_high (> clip_low is clip-higher)."""
+    kl_beta: float = 1e-2
+    """Weight of the KL(policy || reference) loss term; 0 skips the reference model."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator; k3 = ref/pi - log(ref/pi) - 1."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (entropy is logged either way)."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    """Mean over all tokens of the global batch, or over tokens per sequence then over sequences."""
+    minibatch_prompts: int = 128
+    """Prompts (each with its group of responses) per optimizer step."""
+    epochs_per_rollout: int = 1
+    """Passes over each rollout batch."""
+
+    def __post_init__(self):
+        _check_fields(self, "grpo")
+        _positive(self, "grpo", "adv_eps")
+        _positive(self, "grpo", "clip_low")
+        _positive(self, "grpo", "clip_high")
+        if self.clip_low >= 1:
+            raise ValueError(f"grpo.clip_low ({self.clip_low}) must be < 1, e.g. 0.2")
+        _at_least(self, "grpo", "kl_beta", 0)
+        _at_least(self, "grpo", "entropy_coef", 0)
+        _at_least(self, "grpo", "minibatch_prompts", 1)
+        _at_least(self, "grpo", "epochs_per_rollout", 1)
+
+
+@dataclass(kw_only=True)
+class PTSTStage:
+    max_response_length: int
+    """Length cap of a response in tokens; a truncated response has no </answer> and scores 0."""
+    group_size: int
+    """Responses sampled per prompt (G) for the group-relative advantage."""
+    steps: int = 100
+    """RL steps (rollout batches) in this stage."""
+    enabled: bool = True
+    """false: skip this stage (Vision-R1's 16K stage is optional)."""
+    lr: float | None = None
+    """Learning rate in this stage; null: optim.lr."""
+
+    def __post_init__(self):
+        _check_fields(self, "ptst.stages[]")
+
+
+@dataclass(kw_only=True)
+class PTSTConfig:
+    stages: list[PTSTStage] = field(
+        default_factory=lambda: [
+            PTSTStage(max_response_length=4096, group_size=16),
+            PTSTStage(max_response_length=8192, group_size=8),
+            PTSTStage(max_response_length=16384, group_size=4, enabled=False),
+        ]
+    )
+    """Stages in order; Vision-R1 raises the cap and lowers G: 4K/16 -> 8K/8 -> optional 16K/4."""
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError(
+                "ptst.stages is empty; give at least one stage, e.g. "
+                "ptst.stages=[{max_response_length: 4096, group_size: 16, steps: 100}]"
+            )
+        for i, stage in enumerate(self.stages):
+            key = f"ptst.stages[{i}]"
+            if stage.max_response_length < 1:
+                raise ValueError(f"{key}.max_response_length ({stage.max_response_length}) must be >= 1")
+            if stage.group_size < 2:
+                raise ValueError(
+                    f"{key}.group_size ({stage.group_size}) must be >= 2: a group-relative "
+                    "advantage needs at least two responses per prompt"
+                )
+            if stage.steps < 1:
+                raise ValueError(
+                    f"{key}.steps ({stage.steps}) must be >= 1; set {key}.enabled=false to skip it"
+                )
+            if stage.lr is not None and stage.lr <= 0:
+                raise ValueError(f"{key}.lr ({stage.lr}) must be > 0, or null to use optim.lr")
+        if not any(stage.enabled for stage in self.stages):
+            raise ValueError(
+                f"ptst.stages has {len(self.stages)} stage(s) but none is enabled; "
+                "set ptst.stages[0].enabled=true"
+            )
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    prompts_per_step: int = 512
+    """Prompts per RL step; each gets group_size responses; a multiple of grpo.minibatch_prompts."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold; 1.0 samples from the full distribution."""
+    gpu_memory_utilization: float = 0.6
+    """vLLM on GPU: fraction of GPU memory for its weights and KV cache while rolling out."""
+    kv_cache_gib: float | None = None
+    """vLLM KV-cache size in GiB; null: derived from gpu_memory_utilization (GPU). Set it on CPU."""
+
+    def __post_init__(self):
+        _check_fields(self, "rollout")
+        _at_least(self, "rollout", "prompts_per_step", 1)
+        _positive(self, "rollout", "temperature")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p ({self.top_p}) must be in (0, 1], e.g. 1.0")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"rollout.gpu_memory_utilization ({self.gpu_memory_utilization}) must be in (0, 1], e.g. 0.6"
+            )
+        if self.kv_cache_gib is not None:
+            _positive(self, "rollout", "kv_cache_gib")
+
+
+@dataclass(kw_only=True)
+class SFTConfig:
+    data_path: Path | None = None
+    """Cold-start rows: JSON/JSONL in LLaVA-CoT, Mulberry or messages format."""
+    image_root: Path | None = None
+    """Folder that relative image paths in the rows refer to; null: the data file's folder."""
+    epochs: int = 2
+    """Passes over the SFT data."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    max_length: int = 16384
+    """Sequence cutoff in tokens (prompt + response, image tokens included)."""
+
+    def __post_init__(self):
+        _check_fields(self, "sft")
+        _at_least(self, "sft", "epochs", 1)
+        _at_least(self, "sft", "global_batch_size", 1)
+        _at_least(self, "sft", "max_length", 1)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save_interval: int = 50
+    """Save every this many steps, and always at the end of each PTST stage and of the run."""
+    keep_last: int = 0
+    """Keep the newest this many checkpoints; 0 keeps all."""
+    async_save: bool = False
+    """Write checkpoints in the background (megatron-core async distributed checkpointing)."""
+
+    def __post_init__(self):
+        _check_fields(self, "checkpoint")
+        _at_least(self, "checkpoint", "save_interval", 1)
+        _at_least(self, "checkpoint", "keep_last", 0)
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    log_interval: int = 1
+    """Write metrics (TensorBoard always, W&B if set) every this many steps."""
+    val_interval: int = 0
+    """Every this many RL steps, greedy accuracy on data.val_path; 0: never."""
+    wandb_project: str | None = None
+    """Weights & Biases project; null: no W&B."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """W&B mode; offline on nodes without network (sync later with `wandb sync`)."""
+
+    def __post_init__(self):
+        _check_fields(self, "logging")
+        _at_least(self, "logging", "log_interval", 1)
+        _at_least(self, "logging", "val_interval", 0)
+
+
+@dataclass(kw_only=True)
+class Config:
+    run_dir: Path | None = None
+    """Run folder (checkpoints, logs, config.yaml); resumes from its newest checkpoint. null: ./runs/<recipe>."""
+    seed: int = 1234
+    """Seed of data order, initialisation and sampling."""
+    model: ModelConfig
+    """Which checkpoint is trained, and how its weights are held."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Megatron parallel layout."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """RL data and image preprocessing."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule of the command being run (RL or SFT)."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """GRPO objective and update batching."""
+    ptst: PTSTConfig = field(default_factory=PTSTConfig)
+    """Progressive thinking suppression training: the RL stages."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling of responses with vLLM."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Cold-start supervised fine-tuning."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving checkpoints."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics sinks."""
+
+    def __post_init__(self):
+        _check_fields(self, "")
+        mb, pps = self.grpo.minibatch_prompts, self.rollout.prompts_per_step
+        if pps % mb:
+            raise ValueError(
+                f"rollout.prompts_per_step ({pps}) must be a multiple of grpo.minibatch_prompts "
+                f"({mb}): each RL step makes prompts_per_step / minibatch_prompts optimizer steps; "
+                f"use rollout.prompts_per_step={max(mb, pps // mb * mb)} or a divisor of {pps} "
+                "for grpo.minibatch_prompts"
+            )
+        mbs = self.parallel.micro_batch_size
+        for i, stage in enumerate(self.ptst.stages):
+            if stage.enabled and (mb * stage.group_size) % mbs:
+                raise ValueError(
+                    f"ptst.stages[{i}].group_size ({stage.group_size}): the responses per optimizer "
+                    f"step, grpo.minibatch_prompts*group_size ({mb}*{stage.group_size}="
+                    f"{mb * stage.group_size}), must be a multiple of parallel.micro_batch_size "
+                    f"({mbs}); change one of them"
+                )
+
+    def validate_against(self, arch: HFArch) -> None:
+        """Checks that need the architecture read from model.hf_path (call before building anything)."""
+        text, where = arch.text, f"model.hf_path={arch.path}"
+        tp, pp = self.parallel.tp, self.parallel.pp
+        ok_tp = _divisors(math.gcd(text.num_heads, text.num_kv_heads, text.ffn_hidden_size))
+        for count, what in (
+            (text.num_heads, "attention heads"),
+            (text.num_kv_heads, "KV heads"),
+            (text.ffn_hidden_size, "FFN hidden size"),
+        ):
+            if count % tp:
+                raise ValueError(
+                    f"parallel.tp ({tp}) must divide the number of {what} ({count}) of {where}; "
+                    f"use tp in {_fmt_set(ok_tp)}"
+                )
+        if text.num_layers % pp:
+            raise ValueError(
+                f"parallel.pp ({pp}) must divide the number of layers ({text.num_layers}) of "
+                f"{where}; use pp in {_fmt_set(_divisors(text.num_layers))}"
+            )
+        for i, stage in enumerate(self.ptst.stages):
+            total = self.data.max_prompt_length + stage.max_response_length
+            if stage.enabled and total > text.max_position_embeddings:
+                raise ValueError(
+                    f"ptst.stages[{i}].max_response_length ({stage.max_response_length}) + "
+                    f"data.max_prompt_length ({self.data.max_prompt_length}) = {total} exceeds "
+                    f"max_position_embeddings ({text.max_position_embeddings}) of {where}; "
+                    "lower one of them"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-ready values (paths as strings, tuples as lists)."""
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, each field followed by its docstring as a comment."""
+        lines = ["# megatron-vr1 resolved config: every field, with its meaning after '#'"]
+        _emit(self, 0, lines)
+        return "\n".join(lines) + "\n"
+
+    def save_resolved(self, run_dir: str | os.PathLike | None = None) -> Path:
+        """Atomically writes to_yaml() to <run_dir>/config.yaml (default: self.run_dir)."""
+        folder = Path(run_dir if run_dir is not None else self.run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        out = folder / "config.yaml"
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".config.yaml.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_yaml())
+            os.replace(tmp, out)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture from the HF checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextArch:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class VisionArch:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    window_size: int
+    fullatt_block_indexes: tuple[int, ...]
+    in_channels: int
+    rope_theta: float = 10000.0
+
+
+@dataclass(frozen=True)
+class HFArch:
+    """Qwen2.5-VL architecture as transformers 5.19 reads it from config.json."""
+
+    path: Path
+    text: TextArch
+    vision: VisionArch
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+
+
+# transformers 5.19 defaults (configuration_qwen2_5_vl.py), used for keys a config.json lacks so
+# that we read exactly the model that `from_pretrained` builds.
+_TEXT_DEFAULTS = dict(
+    vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+    num_attention_heads=64, num_key_value_heads=None, max_position_embeddings=32768,
+    rms_norm_eps=1e-5,
+)  # fmt: skip
+_VISION_DEFAULTS = dict(
+    depth=32, hidden_size=3584, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+    spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=3584,
+    fullatt_block_indexes=[7, 15, 23, 31],
+)  # fmt: skip
+
+
+def load_hf_arch(hf_path: str | os.PathLike) -> HFArch:
+    """Reads a Qwen2.5-VL config.json: transformers-5 style (text_config/vision_config) or the
+    older flat style (text fields at the top level, rope_scaling, vision in_chans)."""
+    path = Path(hf_path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"model.hf_path={path}: no config.json there; point model.hf_path at a Hugging Face "
+            "Qwen2.5-VL checkpoint folder (e.g. a download of Qwen/Qwen2.5-VL-7B-Instruct), or "
+            "build the tiny CPU model first with `megatron-vr1 tiny-model`"
+        )
+    raw = json.loads(cfg_file.read_text())
+    if raw.get("model_type") != "qwen2_5_vl":
+        raise ValueError(
+            f"{cfg_file}: model_type is {raw.get('model_type')!r} "
+            f"(architectures {raw.get('architectures')}), expected 'qwen2_5_vl'; megatron-vr1 "
+            "trains Qwen2.5-VL checkpoints only: point model.hf_path at one"
+        )
+    # Like transformers: a text_config dict wins and the top-level text keys are then ignored.
+    text = raw["text_config"] if isinstance(raw.get("text_config"), dict) else raw
+    t = {k: text.get(k, d) for k, d in _TEXT_DEFAULTS.items()}
+    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
+    hidden, heads = t["hidden_size"], t["num_attention_heads"]
+    if hidden % heads:
+        raise ValueError(
+            f"{cfg_file}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads})"
+        )
+    head_dim = hidden // heads  # HF's Qwen2.5-VL attention ignores any head_dim key
+    mrope = tuple(rope.get("mrope_section", (16, 24, 24)))
+    if sum(mrope) != head_dim // 2:
+        raise ValueError(
+            f"{cfg_file}: mrope_section {list(mrope)} sums to {sum(mrope)}, but it must sum to "
+            f"head_dim/2 = {head_dim // 2} (hidden_size {hidden} / {heads} heads / 2)"
+        )
+    text_arch = TextArch(
+        hidden_size=hidden,
+        num_layers=t["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=t["num_key_value_heads"] or heads,
+        head_dim=head_dim,
+        ffn_hidden_size=t["intermediate_size"],
+        vocab_size=t["vocab_size"],
+        rms_norm_eps=float(t["rms_norm_eps"]),
+        rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 1e6))),
+        mrope_section=mrope,
+        # pre-v5 saves put tie_word_embeddings in text_config; transformers 5 ORs the two
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings") or text.get("tie_word_embeddings")),
+        max_position_embeddings=t["max_position_embeddings"],
+    )
+    vis = raw.get("vision_config") or {}
+    v = {k: vis.get(k, d) for k, d in _VISION_DEFAULTS.items()}
+    v["in_channels"] = vis.get("in_channels", vis.get("in_chans", 3))
+    v["fullatt_block_indexes"] = tuple(v["fullatt_block_indexes"])
+    v["rope_theta"] = float((vis.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    return HFArch(
+        path=path,
+        text=text_arch,
+        vision=VisionArch(**v),
+        image_token_id=raw.get("image_token_id", 151655),
+        video_token_id=raw.get("video_token_id", 151656),
+        vision_start_token_id=raw.get("vision_start_token_id", 151652),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-6 as a float (YAML 1.1 needs a dot: 1.0e-6)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings _Loader would read as floats."""
+
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+@dataclass
+class _Ctx:
+    yaml_dir: Path
+    cwd: Path
+    overridden: set[str]
+
+    def from_override(self, key: str) -> bool:
+        return any(key == o or key.startswith((o + ".", o + "[")) for o in self.overridden)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Loads a recipe strictly, applies `key.sub=value` / `key[i].sub=value` overrides, validates.
+
+    Relative paths in the file resolve against the file's folder, those in overrides against
+    the current directory; run_dir defaults to ./runs/<recipe file name without .yaml>.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"config file {path} not found; give the path of a recipe such as configs/tiny_cpu.yaml"
+        )
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections, got {_fmt(data)}")
+    raw = _merge(_defaults(Config), data)
+    overridden = set()
+    for item in overrides:
+        overridden.add(_apply_override(raw, item))
+    cwd = Path.cwd()
+    cfg = _build(Config, raw, "", _Ctx(path.parent.absolute(), cwd, overridden))
+    if cfg.run_dir is None:
+        cfg.run_dir = cwd / "runs" / path.stem
+    return cfg
+
+
+def _defaults(cls) -> dict[str, Any]:
+    """Field defaults of a dataclass as plain values (required fields left out)."""
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = _to_plain(f.default)
+        elif f.default_factory is not MISSING:
+            out[f.name] = _to_plain(f.default_factory())
+        elif is_dataclass(_hints(cls)[f.name]):
+            out[f.name] = _defaults(_hints(cls)[f.name])
+    return out
+
+
+def _merge(base: Any, new: Any) -> Any:
+    if isinstance(base, dict) and new is None:  # a section left empty in YAML
+        return base
+    if isinstance(base, dict) and isinstance(new, dict):
+        out = dict(base)
+        for k, v in new.items():
+            out[k] = _merge(base[k], v) if k in base else v
+        return out
+    return new
+
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[\d+\])*(\.[A-Za-z_][A-Za-z0-9_]*(\[\d+\])*)*")
+
+
+def _apply_override(raw: dict, item: str) -> str:
+    """Sets raw[...] for one `dotted.key[i]=value`; returns the dotted key."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not _KEY.fullmatch(key):
+        raise ValueError(
+            f"override {item!r} must look like key=value with a dotted key, e.g. optim.lr=1e-5 "
+            "or ptst.stages[0].steps=5"
+        )
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {item!r}: the value is not valid YAML: {e}") from None
+    steps: list[str | int] = []
+    for part in key.split("."):
+        name, *idx = part.split("[")
+        steps.append(name)
+        steps += [int(i.rstrip("]")) for i in idx]
+    node: Any = raw
+    done = ""
+    for step, nxt in zip(steps, steps[1:]):
+        node, done = _descend(node, step, done, create=isinstance(nxt, str), item=item)
+    last = steps[-1]
+    if isinstance(last, int):
+        _descend(node, last, done, create=False, item=item)  # range check
+    elif not isinstance(node, dict):
+        raise ValueError(f"override {item!r}: {done} is not a section, it holds {_fmt(node)}")
+    node[last] = value
+    return key
+
+
+def _descend(node: Any, step: str | int, done: str, *, create: bool, item: str) -> tuple[Any, str]:
+    if isinstance(step, int):
+        if not isinstance(node, list):
+            raise ValueError(f"override {item!r}: {done} is not a list, it holds {_fmt(node)}")
+        if not 0 <= step < len(node):
+            raise ValueError(f"override {item!r}: {done} has {len(node)} entries, no index {step}")
+        return node[step], f"{done}[{step}]"
+    if not isinstance(node, dict):
+        raise ValueError(f"override {item!r}: {done} is not a section, it holds {_fmt(node)}")
+    if step not in node or (create and node[step] is None):
+        node[step] = {}  # unknown keys are reported when the config is built
+    return node[step], f"{done}.{step}" if done else step
+
+
+def _build(cls, data: Any, key: str, ctx: _Ctx):
+    where = key or "the config"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping of keys, got {_fmt(data)}")
+    hints = _hints(cls)
+    names = [f.name for f in fields(cls)]
+    for k in data:
+        if k not in names:
+            dotted = f"{key}.{k}" if key else str(k)
+            close = difflib.get_close_matches(str(k), names, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            origin = " (from a command-line override)" if ctx.from_override(dotted) else ""
+            raise ValueError(
+                f"unknown key {dotted!r}{origin} in {'section ' + repr(key) if key else 'the top level'}; "
+                f"{hint}valid keys: {', '.join(names)}"
+            )
+    kwargs = {}
+    for f in fields(cls):
+        dotted = f"{key}.{f.name}" if key else f.name
+        if f.name in data:
+            kwargs[f.name] = _coerce(hints[f.name], data[f.name], dotted, ctx)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ValueError(f"{dotted} is missing; set it in the YAML or on the command line ({dotted}=...)")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, ctx: _Ctx) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, ctx)
+    if is_dataclass(tp):
+        return _build(tp, value, key, ctx)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{key} must be one of {', '.join(map(repr, args))}, got {_fmt(value)}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key} must be a list, got {_fmt(value)}")
+        return [_coerce(args[0], v, f"{key}[{i}]", ctx) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{key} must be a list of {len(args)} values, got {_fmt(value)}")
+        return tuple(_coerce(a, v, f"{key}[{i}]", ctx) for i, (a, v) in enumerate(zip(args, value)))
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{key} must be a path (a non-empty string), got {_fmt(value)}")
+        base = ctx.cwd if ctx.from_override(key) else ctx.yaml_dir
+        return Path(os.path.abspath(base / Path(value).expanduser()))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }
+    if tp not in ok:
+        raise TypeError(f"{key}: unsupported field type {tp!r}")  # a bug in this module
+    if not ok[tp]:
+        raise ValueError(f"{key} must be {_TYPE_NAMES[tp]}, got {_fmt(value)} ({type(value).__name__})")
+    return float(value) if tp is float else value
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """{field name: its one-line docstring} of a config dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _emit(obj: Any, indent: int, lines: list[str]) -> None:
+    pad = " " * indent
+    docs = field_docs(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        comment = f"  # {docs[f.name]}" if f.name in docs else ""
+        if is_dataclass(value):
+            lines.append(f"{pad}{f.name}:{comment}")
+            _emit(value, indent + 2, lines)
+        elif isinstance(value, list) and value and is_dataclass(value[0]):
+            lines.append(f"{pad}{f.name}:{comment}")
+            for item in value:
+                start = len(lines)
+                _emit(item, indent + 4, lines)
+                lines[start] = f"{pad}  - {lines[start][indent + 4:]}"
+        else:
+            lines.append(f"{pad}{f.name}: {_scalar(_to_plain(value))}{comment}")
+
+
+def _scalar(value: Any) -> str:
+    text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=1 << 30).strip()
+    text = text.removesuffix("...").strip()
+    return text if "\n" not in text else json.dumps(value)  # JSON strings are valid YAML
+
+
+def _to_plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_fields(obj: Any, section: str) -> None:
+    """Literal choices hold, and str paths become Path (for configs built in Python)."""
+    for f in fields(obj):
+        tp, value = _hints(type(obj))[f.name], getattr(obj, f.name)
+        key = f"{section}.{f.name}" if section else f.name
+        options = typing.get_args(tp)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and value is not None:
+            tp = next(a for a in options if a is not type(None))
+            options = typing.get_args(tp)
+        if typing.get_origin(tp) is Literal and value not in options:
+            raise ValueError(f"{key} must be one of {', '.join(map(repr, options))}, got {_fmt(value)}")
+        if tp is Path and isinstance(value, str):
+            setattr(obj, f.name, Path(value))
+
+
+def _at_least(obj: Any, section: str, name: str, low: float) -> None:
+    value = getattr(obj, name)
+    if value < low:
+        raise ValueError(f"{section}.{name} ({value}) must be >= {low}")
+
+
+def _positive(obj: Any, section: str, name: str) -> None:
+    value = getattr(obj, name)
+    if not value > 0:
+        raise ValueError(f"{section}.{name} ({value}) must be > 0")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _fmt_set(values: list[int]) -> str:
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _fmt(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
