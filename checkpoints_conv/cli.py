@@ -74,9 +74,12 @@ def _verify(args) -> int:
         raise ValueError(f"--tp {args.tp} --pp {args.pp} needs a multiple of {args.tp * args.pp} processes, got "
                          f"{world}; run: torchrun --nproc-per-node {args.tp * args.pp} -m megatron_vr1.cli convert verify ...")
     if not dist.is_initialized():
-        if world == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29511")
+        if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # plain one-process run
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(s.getsockname()[1])
         dist.init_process_group(platform.backend(), rank=int(os.environ.get("RANK", "0")), world_size=world)
     parallel_state.initialize_model_parallel(args.tp, args.pp)
     platform.model_parallel_seed(0)

@@ -81,9 +81,23 @@ def save_chunks(out_dir: Path, chunks: list[Chunk], on_chunk: Callable[[int], No
     """Write a megatron-core torch_dist checkpoint made of `chunks` into `out_dir` (must be new)."""
     out_dir.mkdir(parents=True, exist_ok=False)
     writer = dcp.FileSystemWriter(out_dir, single_file_per_rank=True, thread_count=1, sync_files=True)
-    dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, on_chunk), no_dist=True)
+    try:
+        dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, on_chunk), no_dist=True)
+    except dcp.api.CheckpointException as e:
+        raise _unwrap(e) from e
     torch.save({}, out_dir / "common.pt")
     (out_dir / "metadata.json").write_text(json.dumps(MCORE_METADATA))
+
+
+def _unwrap(e: Exception) -> Exception:
+    """DCP wraps a rank's exception (e.g. an OSError from a full disk); surface the original."""
+    failures = list(getattr(e, "failures", {}).values())
+    if len(failures) == 1:
+        f = failures[0]
+        inner = f[0] if isinstance(f, tuple) else f
+        if isinstance(inner, BaseException):
+            return inner
+    return e
 
 
 class _RegionLoadPlanner(LoadPlanner):
@@ -145,4 +159,7 @@ class DCPReader:
     def read(self, requests: dict[str, tuple[Sequence[int], torch.Tensor]]) -> None:
         """Fill each destination tensor with the region of `fqn` starting at `offsets`."""
         reader = dcp.FileSystemReader(self.dir)
-        dcp.load({}, storage_reader=reader, planner=_RegionLoadPlanner(requests), no_dist=True)
+        try:
+            dcp.load({}, storage_reader=reader, planner=_RegionLoadPlanner(requests), no_dist=True)
+        except dcp.api.CheckpointException as e:
+            raise _unwrap(e) from e
