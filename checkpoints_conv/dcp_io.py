@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -81,10 +82,12 @@ def save_chunks(out_dir: Path, chunks: list[Chunk], on_chunk: Callable[[int], No
     """Write a megatron-core torch_dist checkpoint made of `chunks` into `out_dir` (must be new)."""
     out_dir.mkdir(parents=True, exist_ok=False)
     writer = dcp.FileSystemWriter(out_dir, single_file_per_rank=True, thread_count=1, sync_files=True)
-    try:
-        dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, on_chunk), no_dist=True)
-    except dcp.api.CheckpointException as e:
-        raise _unwrap(e) from e
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, on_chunk), no_dist=True)
+        except dcp.api.CheckpointException as e:
+            raise _unwrap(e) from e
     torch.save({}, out_dir / "common.pt")
     (out_dir / "metadata.json").write_text(json.dumps(MCORE_METADATA))
 
@@ -159,7 +162,9 @@ class DCPReader:
     def read(self, requests: dict[str, tuple[Sequence[int], torch.Tensor]]) -> None:
         """Fill each destination tensor with the region of `fqn` starting at `offsets`."""
         reader = dcp.FileSystemReader(self.dir)
-        try:
-            dcp.load({}, storage_reader=reader, planner=_RegionLoadPlanner(requests), no_dist=True)
-        except dcp.api.CheckpointException as e:
-            raise _unwrap(e) from e
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            try:
+                dcp.load({}, storage_reader=reader, planner=_RegionLoadPlanner(requests), no_dist=True)
+            except dcp.api.CheckpointException as e:
+                raise _unwrap(e) from e

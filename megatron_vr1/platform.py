@@ -90,7 +90,9 @@ def setup() -> None:
             return orig_type(self, *args, **kwargs)
         name = orig_type(self)
         # megatron's optimizer asserts param.type() in ['torch.cuda.FloatTensor', ...]
-        return name.replace("torch.", "torch.cuda.", 1) if name.startswith("torch.") else name
+        if name.startswith("torch.") and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch."):]
+        return name
 
     torch.Tensor.type = _type  # type: ignore[assignment]
     # Global: megatron-core builds `device="cuda"` tensors in many places (schedules, optimizer,

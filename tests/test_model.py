@@ -1,0 +1,93 @@
+"""Model-level behaviour beyond parity: freezing, padding stays zero, clear errors, CPU shims."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_vr1.config import load_hf_arch
+
+
+def _model(tiny_hf, tiny_mcore, **opts):
+    from megatron_vr1.models.qwen25_vl.io import load_weights
+    from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
+
+    m = build_model(load_hf_arch(tiny_hf), ModelOptions(**opts))
+    load_weights(m, tiny_mcore)
+    return m
+
+
+def test_freeze_vision(tiny_hf, tiny_mcore, single_rank):
+    m = _model(tiny_hf, tiny_mcore, freeze_vision=True)
+    assert not any(p.requires_grad for p in m.vision_model.parameters())
+    assert all(p.requires_grad for p in m.language_model.parameters())
+
+
+def test_padding_stays_zero_and_gets_no_gradient(tiny_hf, tiny_mcore, single_rank):
+    """The vision MLP (171 -> 192) and vocab (400 -> 512) padding: exactly zero gradients."""
+    from checkpoints_conv.verify import probes
+    from megatron_vr1.models.qwen25_vl.io import make_inputs
+
+    arch = load_hf_arch(tiny_hf)
+    m = _model(tiny_hf, tiny_mcore)
+    x = next(p for p in probes(tiny_hf) if p.name == "two_images").inputs
+    logits = m(make_inputs(arch, x["input_ids"], x["attention_mask"], x["pixel_values"], x["image_grid_thw"]))
+    logits[..., : arch.text.vocab_size].logsumexp(-1).sum().backward()
+    fc1 = m.vision_model.decoder.layers[0].mlp.linear_fc1
+    fc2 = m.vision_model.decoder.layers[0].mlp.linear_fc2
+    real, padded = arch.vision.intermediate_size, fc2.weight.shape[1]
+    assert padded == 192
+    assert fc1.weight.grad[real:padded].abs().max() == 0 and fc1.weight.grad[padded + real:].abs().max() == 0
+    assert fc1.bias.grad[real:padded].abs().max() == 0 and fc2.weight.grad[:, real:].abs().max() == 0
+    assert fc1.weight.grad[:real].abs().max() > 0  # the real rows do learn
+    emb = m.language_model.embedding.word_embeddings.weight
+    assert emb.grad[arch.text.vocab_size:].abs().max() == 0
+
+
+def test_image_token_mismatch_is_a_clear_error(tiny_hf, tiny_mcore, single_rank):
+    from checkpoints_conv.verify import probes
+    from megatron_vr1.models.qwen25_vl.io import make_inputs
+
+    arch = load_hf_arch(tiny_hf)
+    m = _model(tiny_hf, tiny_mcore)
+    x = next(p for p in probes(tiny_hf) if p.name == "one_image").inputs
+    ids = x["input_ids"].clone()
+    ids[0, (ids[0] == arch.image_token_id).nonzero()[0]] = 5  # one image token lost (e.g. truncation)
+    with pytest.raises(ValueError, match="needs 16 image tokens for grid"):
+        m(make_inputs(arch, ids, None, x["pixel_values"], x["image_grid_thw"]))
+
+
+def test_fp8_needs_transformer_engine(tiny_hf, single_rank):
+    from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
+
+    with pytest.raises(ValueError, match="model.fp8='hybrid' needs Transformer Engine"):
+        build_model(load_hf_arch(tiny_hf), ModelOptions(fp8="hybrid"))
+
+
+def test_platform_shims_are_a_noop_with_cuda():
+    """With CUDA present, setup() patches nothing (checked in a fresh process)."""
+    code = (
+        "import torch; torch.cuda.is_available = lambda: True\n"
+        "before = (torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.type)\n"
+        "from megatron_vr1 import platform; platform.setup()\n"
+        "assert (torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.type) == before\n"
+        "assert torch._C._is_torch_function_mode_enabled() is False\n"
+        "assert platform.backend() == 'nccl'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_cpu_shims_map_cuda_devices():
+    code = (
+        "from megatron_vr1 import platform; platform.setup(); import torch\n"
+        "assert torch.zeros(2, device='cuda').device.type == 'cpu'\n"
+        "assert torch.ones(2).cuda().device.type == 'cpu'\n"
+        "assert torch.ones(2).to('cuda', torch.float64, non_blocking=True).dtype == torch.float64\n"
+        "assert torch.ones(2).type() == 'torch.cuda.FloatTensor'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
