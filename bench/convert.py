@@ -1,6 +1,6 @@
 """Benchmark of the HF <-> Megatron checkpoint converter against a safetensors read+write baseline.
 
-    python bench/convert.py [--gib 1.2] [--repeats 2] [--tp 2] [--workdir DIR] [--keep]
+    python bench/convert.py [--gib 1.2] [--repeats 2] [--tp 2] [--threads N] [--workdir DIR] [--keep]
 
 What it does (all on this machine, same disk, same process layout):
 1. builds a synthetic Qwen2.5-VL-shaped HF checkpoint (bf16, random values, hub key scheme, shards +
@@ -11,13 +11,17 @@ What it does (all on this machine, same disk, same process layout):
 2. times, --repeats times each (interleaved; best is reported):
      baseline   every tensor read with `safe_open(...).get_tensor` and written back with
                 `safetensors.torch.save_file` into another folder, shard by shard, then fsync
-                ("safetensors read+write of the same bytes": the physical-limit reference)
+                ("safetensors read+write of the same bytes": the physical-limit reference; with
+                safetensors >= 0.8 get_tensor is mmap-backed, like the converter's reader)
      cp         plain file copy + fsync of the shards (pure I/O, for reference only)
      hf->mcore  `hf_to_mcore(tp=--tp, pp=1, progress=False)` (the converter fsyncs its output)
      mcore->hf  `mcore_to_hf(progress=False)` of that output (fsyncs too)
    Every measurement reads files that were written moments before (warm page cache: dropping the
-   cache needs root), writes into a fresh folder and ends after fsync. Times are wall-clock of the
-   whole call (header parsing, planning and commit included).
+   cache needs root), writes into a fresh folder and ends after fsync; `os.sync()` runs before each
+   measurement so earlier phases' dirty pages are not flushed during it. Times are wall-clock of the
+   whole call (header parsing, planning and commit included). All runs are printed besides the best:
+   on a small shared VM the spread is large. --threads sets OMP_NUM_THREADS for the phases (torch's
+   intra-op threads; default unset = one per core).
 3. peak memory: every phase runs in its own subprocess (`--phase X`); a thread samples RssAnon from
    /proc/self/status every 10 ms. Reported: peak RssAnon minus RssAnon right before the phase
    (after imports), i.e. the heap the phase needed. File-backed pages (the converter mmaps its
@@ -193,18 +197,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _model_bytes(folder: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for f in _shard_files(folder):
-        with safe_open(folder / f, framework="pt") as sf:
-            for n in sf.keys():
-                sl = sf.get_slice(n)
-                total += torch.Size(sl.get_shape()).numel() * 2
-    return total
-
-
 def phase_baseline(src: Path, dst: Path) -> dict:
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -369,7 +361,11 @@ def _child(phase: str, work: Path, src: Path | None, dst: Path, args, **kw) -> d
            "--tp", str(args.tp), "--gib", str(args.gib), "--shard-mib", str(args.shard_mib), "--seed", str(args.seed)]
     if src is not None:
         cmd += ["--src", str(src)]
-    subprocess.run(cmd, check=True)
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    os.sync()  # earlier phases' dirty pages are flushed before, not during, a measurement
+    subprocess.run(cmd, check=True, env=env)
     out = json.loads(result.read_text())
     result.unlink()
     return out
@@ -389,6 +385,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="folder for all files (default: a fresh temp dir under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir (default: deleted at the end)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP_NUM_THREADS for the phases (default: unset, i.e. torch's default = #cores)")
     ap.add_argument("--no-cp", action="store_true", help="skip the plain file-copy reference")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
@@ -409,8 +407,9 @@ def main() -> None:
     mcore, hf_out = work / "mcore", work / "hf_out"
     t_start = time.perf_counter()
     try:
-        print(f"workdir {work}; torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
-              flush=True)
+        threads = args.threads or torch.get_num_threads()
+        print(f"workdir {work}; torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {threads}"
+              f"{'' if args.threads else ' (default)'}", flush=True)
         build = _child("build", work, None, hf_in, args)
         model_bytes = build["bytes"]
         print(f"built {model_bytes / GIB:.3f} GiB ({model_bytes / 1e9:.3f} GB) bf16: {build['tensors']} tensors in "
@@ -442,17 +441,18 @@ def main() -> None:
         print(f"model: {model_bytes / 1e9:.3f} GB = {model_bytes / GIB:.3f} GiB bf16; best of {args.repeats}; warm page cache "
               f"(inputs written just before); every row ends with fsync; GB/s = model bytes / wall s")
         hdr = (f"{'phase':24s} {'bytes':>13s} {'seconds':>8s} {'GB/s':>6s} {'ratio':>6s} "
-               f"{'peak anon':>10s} {'% model':>8s} {'peak RSS+file':>14s}")
+               f"{'peak anon':>10s} {'% model':>8s} {'peak RSS+file':>14s}  all runs (s)")
         print(hdr)
         print("-" * len(hdr))
         for k in ("baseline", "cp", "hf2mcore", "mcore2hf"):
             if k not in best:
                 continue
             s = best[k]["seconds"]
+            all_runs = " ".join(f"{x['seconds']:.2f}" for x in runs[k])
             gbps = model_bytes / 1e9 / s
             print(f"{labels[k]:24s} {model_bytes:13,d} {s:8.2f} {gbps:6.3f} {gbps / base_gbps:6.2f} "
                   f"{peak[k]['anon_delta'] / MIB:7.0f} MiB {100 * peak[k]['anon_delta'] / model_bytes:7.1f}% "
-                  f"{hwm[k] / MIB:10.0f} MiB")
+                  f"{hwm[k] / MIB:10.0f} MiB  {all_runs}")
         print("-" * len(hdr))
         print("ratio = GB/s / safetensors read+write GB/s; peak anon = max RssAnon (10 ms samples) minus RssAnon "
               "before the phase (after imports, ~{:.0f} MiB); peak RSS+file = VmHWM - VmRSS before, incl. "

@@ -22,7 +22,7 @@ import torch
 
 from checkpoints_conv.dcp_io import Chunk, DCPReader, save_chunks
 from checkpoints_conv.hf_io import HFReader, write_safetensors
-from checkpoints_conv.mapping import TensorPlan, expected_hf_shapes, plan
+from checkpoints_conv.mapping import TensorPlan, expected_hf_shapes, group_of, plan, unpack
 from megatron_vr1.config import load_hf_arch
 from megatron_vr1.models.qwen25_vl.padding import check_parallel_fits, padded_sizes
 
@@ -177,10 +177,6 @@ def read_info(mcore: Path) -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def _group(p: TensorPlan) -> tuple:
-    return (p.key.split(".decoder.layers.")[0], p.layer) if p.layer is not None else ("global", p.key)
-
-
 class MegatronToHF:
     """Produces HF tensors (canonical names) from a Megatron checkpoint, one layer group at a time."""
 
@@ -198,9 +194,9 @@ class MegatronToHF:
         self.group_of: dict[str, tuple] = {}
         self.by_group: dict[tuple, list[TensorPlan]] = {}
         for p in self.plans:
-            self.by_group.setdefault(_group(p), []).append(p)
+            self.by_group.setdefault(group_of(p), []).append(p)
             for n in p.hf_names:
-                self.group_of[n] = _group(p)
+                self.group_of[n] = group_of(p)
         self.out_dtype = dtype
         self._cache: tuple = (None, {})
 
@@ -220,22 +216,8 @@ class MegatronToHF:
             buf = torch.empty(((1,) if p.layer is not None else ()) + p.shape, dtype=self.reader.dtype(p.key))
             requests[p.key] = (([p.layer] + [0] * len(p.shape)) if p.layer is not None else [0] * len(p.shape), buf)
         self.reader.read(requests)
-        out: dict[str, torch.Tensor] = {}
-        for p in plans:
-            mt = requests[p.key][1]
-            mt = mt[0] if p.layer is not None else mt
-            for seg in p.segments:
-                piece = mt.narrow(p.axis, seg.dst, seg.length)
-                if seg.hf is None:
-                    if torch.count_nonzero(piece):
-                        raise ValueError(f"{p.key} (layer {p.layer}): the padding rows/columns are not zero, so "
-                                         f"dropping them would change the model; this checkpoint was not trained by "
-                                         f"megatron-vr1's model or is corrupt")
-                    continue
-                if seg.hf not in out:
-                    out[seg.hf] = torch.empty(self.shapes[seg.hf], dtype=mt.dtype)
-                out[seg.hf].narrow(p.axis, seg.src, seg.length).copy_(piece)
-        return out
+        full = {p.key: (requests[p.key][1][0] if p.layer is not None else requests[p.key][1]) for p in plans}
+        return unpack(plans, full, self.shapes)
 
     def tensor(self, name: str) -> torch.Tensor:
         g = self.group_of[name]

@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import torch
+
 from megatron_vr1.models.qwen25_vl.padding import padded_sizes
 
 LM = "language_model"
@@ -242,3 +244,30 @@ def canonical_hf_name(name: str) -> str:
     if name.startswith("model."):
         return "model.language_model." + name[len("model."):]
     return name
+
+
+def group_of(p: TensorPlan) -> tuple:
+    """Plans that share a group are produced together: one layer of the LM or the vision tower,
+    or one global tensor. Every HF tensor comes from exactly one group."""
+    return (p.key.split(".decoder.layers.")[0], p.layer) if p.layer is not None else ("global", p.key)
+
+
+def unpack(plans: list[TensorPlan], megatron: dict[str, torch.Tensor], hf_shapes: dict[str, tuple[int, ...]],
+           check_padding: bool = True) -> dict[str, torch.Tensor]:
+    """HF tensors (canonical names) from full Megatron tensors of one group (`megatron[key]` is one
+    layer's tensor, without the stacked axis). The inverse of `plan`; padding must be zero."""
+    out: dict[str, torch.Tensor] = {}
+    for p in plans:
+        mt = megatron[p.key]
+        for seg in p.segments:
+            piece = mt.narrow(p.axis, seg.dst, seg.length)
+            if seg.hf is None:
+                if check_padding and torch.count_nonzero(piece):
+                    raise ValueError(f"{p.key} (layer {p.layer}): the padding rows/columns are not zero, so "
+                                     f"dropping them would change the model; this checkpoint was not trained by "
+                                     f"megatron-vr1's model or is corrupt")
+                continue
+            if seg.hf not in out:
+                out[seg.hf] = torch.empty(hf_shapes[seg.hf], dtype=mt.dtype)
+            out[seg.hf].narrow(p.axis, seg.src, seg.length).copy_(piece)
+    return out

@@ -64,3 +64,32 @@ def reshard_roundtrip(hf_dir: str, mcore_dir: str, work_dir: str, layouts: list)
             out[f"tp{tp}pp{pp}"] = len(a.names())
         dist.barrier()
     return out
+
+
+def resync_tensors(hf_dir: str, mcore_dir: str, layouts: list, bucket_bytes: int) -> dict:
+    """The resync's HF tensors at each layout equal the checkpoint's HF tensors bit for bit, on
+    every rank, with no bucket above the limit (unless one tensor alone is larger)."""
+    from checkpoints_conv.hf_io import HFReader
+    from megatron_vr1.config import load_hf_arch
+    from megatron_vr1.models.qwen25_vl.io import load_weights
+    from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
+    from megatron_vr1.rollout.resync import ResyncStats, hf_buckets
+
+    arch = load_hf_arch(hf_dir)
+    ref = HFReader(hf_dir)
+    out = {}
+    for tp, pp in layouts:
+        _init_layout(tp, pp)
+        model = build_model(arch, ModelOptions(tp=tp, pp=pp))
+        load_weights(model, mcore_dir)
+        stats = ResyncStats()
+        seen = {}
+        for bucket in hf_buckets(model, arch, bucket_bytes=bucket_bytes, stats=stats):
+            size = sum(t.numel() * t.element_size() for _, t in bucket)
+            assert size <= bucket_bytes or len(bucket) == 1, size
+            for name, t in bucket:
+                seen[name] = bool(torch.equal(t, ref.tensor(name)))
+        assert set(seen) == set(ref.names()), set(ref.names()) ^ set(seen)
+        assert all(seen.values()), [k for k, v in seen.items() if not v]
+        out[f"tp{tp}pp{pp}"] = {"tensors": stats.tensors, "buckets": stats.buckets}
+    return out
