@@ -438,8 +438,9 @@ def main() -> None:
         labels = {"baseline": "safetensors read+write", "cp": "file copy (reference)",
                   "hf2mcore": f"hf->mcore (tp={args.tp})", "mcore2hf": "mcore->hf"}
         print()
-        print(f"model: {model_bytes / 1e9:.3f} GB = {model_bytes / GIB:.3f} GiB bf16; best of {args.repeats}; warm page cache "
-              f"(inputs written just before); every row ends with fsync; GB/s = model bytes / wall s")
+        print(f"model: {model_bytes / 1e9:.3f} GB = {model_bytes / GIB:.3f} GiB bf16; best of {args.repeats}; "
+              f"warm page cache (inputs written just before); every row ends with fsync; "
+              f"GB/s = model bytes / wall s")
         hdr = (f"{'phase':24s} {'bytes':>13s} {'seconds':>8s} {'GB/s':>6s} {'ratio':>6s} "
                f"{'peak anon':>10s} {'% model':>8s} {'peak RSS+file':>14s}  all runs (s)")
         print(hdr)
@@ -457,20 +458,19 @@ def main() -> None:
         print("ratio = GB/s / safetensors read+write GB/s; peak anon = max RssAnon (10 ms samples) minus RssAnon "
               "before the phase (after imports, ~{:.0f} MiB); peak RSS+file = VmHWM - VmRSS before, incl. "
               "mmapped file pages".format(best["hf2mcore"]["base_anon"] / MIB))
-        h2m = best["hf2mcore"]
+        h2m, m2h = best["hf2mcore"], best["mcore2hf"]
         print(f"hf->mcore wrote {h2m['written_bytes']:,d} tensor bytes (with vision-MLP padding 3420->3456), "
-              f"{h2m['disk_bytes']:,d} bytes on disk; converter-internal seconds: hf->mcore {h2m['inner_seconds']:.2f}, "
-              f"mcore->hf {best['mcore2hf']['inner_seconds']:.2f}")
+              f"{h2m['disk_bytes']:,d} bytes on disk; converter-internal seconds: "
+              f"hf->mcore {h2m['inner_seconds']:.2f}, mcore->hf {m2h['inner_seconds']:.2f}")
         status = "PASS" if verify["ok"] else "FAIL"
-        print(f"round trip hf->mcore->hf: {status} ({verify['checked']} tensors, {verify['bytes']:,d} bytes compared bit "
-              f"for bit in {verify['seconds']:.1f} s){'' if verify['ok'] else ': ' + '; '.join(verify['problems'])}")
-        r1 = model_bytes / 1e9 / best["hf2mcore"]["seconds"] / base_gbps
-        r2 = model_bytes / 1e9 / best["mcore2hf"]["seconds"] / base_gbps
-        print(f"SUMMARY {model_bytes / GIB:.2f} GiB bf16: baseline {base_gbps:.2f} GB/s | hf->mcore "
-              f"{model_bytes / 1e9 / best['hf2mcore']['seconds']:.2f} GB/s ({r1:.2f}x) peak +"
-              f"{peak['hf2mcore']['anon_delta'] / MIB:.0f} MiB | mcore->hf {model_bytes / 1e9 / best['mcore2hf']['seconds']:.2f} "
-              f"GB/s ({r2:.2f}x) peak +{peak['mcore2hf']['anon_delta'] / MIB:.0f} MiB | round trip {status} | "
-              f"total {time.perf_counter() - t_start:.0f} s")
+        why = "" if verify["ok"] else ": " + "; ".join(verify["problems"])
+        print(f"round trip hf->mcore->hf: {status} ({verify['checked']} tensors, {verify['bytes']:,d} bytes "
+              f"compared bit for bit in {verify['seconds']:.1f} s){why}")
+        g1, g2 = model_bytes / 1e9 / h2m["seconds"], model_bytes / 1e9 / m2h["seconds"]
+        print(f"SUMMARY {model_bytes / GIB:.2f} GiB bf16: baseline {base_gbps:.2f} GB/s | "
+              f"hf->mcore {g1:.2f} GB/s ({g1 / base_gbps:.2f}x) peak +{peak['hf2mcore']['anon_delta'] / MIB:.0f} MiB | "
+              f"mcore->hf {g2:.2f} GB/s ({g2 / base_gbps:.2f}x) peak +{peak['mcore2hf']['anon_delta'] / MIB:.0f} MiB | "
+              f"round trip {status} | total {time.perf_counter() - t_start:.0f} s")
         if not verify["ok"]:
             sys.exit(1)
     finally:

@@ -10,6 +10,7 @@ crash leaves either the old state or nothing; an existing output needs `overwrit
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -32,6 +33,22 @@ HF_DIR = "hf"
 FORMAT = "megatron-vr1/qwen2.5-vl/v1"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _one_thread(fn):
+    """Conversion is memory copies and file writes: a second intra-op thread only competes with
+    the kernel's write-out for the cores (measured 2-4x slower on 2 vCPUs; bench/convert.py)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(n)
+
+    return wrapped
 
 
 @dataclass
@@ -136,7 +153,10 @@ def _chunks_for(tp: TensorPlan, reader: HFReader) -> list[Chunk]:
         def produce(seg=seg, sizes=tuple(sizes), axis=tp.axis, layered=tp.layer is not None):
             if seg.hf is None:
                 return torch.zeros(sizes, dtype=dtype)
-            t = reader.tensor(seg.hf).narrow(axis, seg.src, seg.length)
+            if axis == 0:
+                t = reader.rows(seg.hf, seg.src, seg.length)
+            else:
+                t = reader.tensor(seg.hf).narrow(axis, seg.src, seg.length)
             if layered:
                 t = t.unsqueeze(0)
             return t if t.is_contiguous() else t.contiguous()
@@ -145,6 +165,7 @@ def _chunks_for(tp: TensorPlan, reader: HFReader) -> list[Chunk]:
     return out
 
 
+@_one_thread
 def hf_to_mcore(hf: str | os.PathLike, out: str | os.PathLike, tp: int = 1, pp: int = 1,
                 overwrite: bool = False, progress: bool = True) -> ConvertStats:
     """Convert an HF Qwen2.5-VL folder into a Megatron distributed checkpoint folder."""
@@ -222,11 +243,13 @@ class MegatronToHF:
     def tensor(self, name: str) -> torch.Tensor:
         g = self.group_of[name]
         if self._cache[0] != g:
+            self._cache = (None, {})  # drop the previous group before loading the next
             self._cache = (g, self._load_group(g))
         t = self._cache[1][name]
         return t if self.out_dtype is None else t.to(self.out_dtype)
 
 
+@_one_thread
 def mcore_to_hf(mcore: str | os.PathLike, out: str | os.PathLike, hf_config: Optional[str | os.PathLike] = None,
                 dtype: Optional[torch.dtype] = None, key_scheme: Optional[str] = None,
                 max_shard_bytes: int = 5 * 2**30, overwrite: bool = False, progress: bool = True) -> ConvertStats:

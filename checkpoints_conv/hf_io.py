@@ -94,17 +94,30 @@ class HFReader:
     def nbytes(self) -> int:
         return sum(i["data_offsets"][1] - i["data_offsets"][0] for _, i in self._entries.values())
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """A read-only-in-spirit view of the mapped file (copy-on-write: writes never reach disk)."""
-        file, info = self._entries[name]
+    def _map(self, file: Path) -> mmap.mmap:
         mm = self._maps.get(file)
         if mm is None:
             with open(file, "rb") as f:
                 mm = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        start, end = info["data_offsets"]
+        return mm
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A view of the mapped file (copy-on-write: writes never reach disk)."""
+        return self.rows(name, 0, self._entries[name][1]["shape"][0] if self._entries[name][1]["shape"] else 1)
+
+    def rows(self, name: str, start: int, length: int) -> torch.Tensor:
+        """Rows [start, start+length) as a view whose storage is exactly those bytes (writers such as
+        torch DCP then need no defensive copy)."""
+        file, info = self._entries[name]
+        shape = list(info["shape"])
         dtype = _DTYPES[info["dtype"]]
-        flat = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=info["data_start"])
-        return flat.view(dtype).view(info["shape"])
+        row = torch.Size(shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
+        if not shape:
+            return torch.frombuffer(self._map(file), dtype=torch.uint8, count=row,
+                                    offset=info["data_start"]).view(dtype).view(())
+        flat = torch.frombuffer(self._map(file), dtype=torch.uint8, count=length * row,
+                                offset=info["data_start"] + start * row)
+        return flat.view(dtype).view([length, *shape[1:]])
 
     def close(self) -> None:
         self._maps.clear()
@@ -131,5 +144,6 @@ def write_safetensors(path: Path, entries: Iterable[tuple[str, torch.dtype, tupl
             data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
             f.write(memoryview(data))
             on_bytes(data.nbytes)
+            del t, data  # do not hold the previous tensor while the next one is produced
         f.flush()
         os.fsync(f.fileno())

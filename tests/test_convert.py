@@ -127,16 +127,16 @@ def test_crash_midway_leaves_old_state(tiny_hf, tmp_path, monkeypatch):
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     import checkpoints_conv.hf_io as hf_io
 
-    real = hf_io.HFReader.tensor
+    real = hf_io.HFReader.rows
     calls = {"n": 0}
 
-    def flaky(self, name):
+    def flaky(self, name, start, length):
         calls["n"] += 1
         if calls["n"] > 20:
             raise OSError("disk full (simulated)")
-        return real(self, name)
+        return real(self, name, start, length)
 
-    monkeypatch.setattr(hf_io.HFReader, "tensor", flaky)
+    monkeypatch.setattr(hf_io.HFReader, "rows", flaky)
     with pytest.raises(OSError, match="simulated"):
         hf_to_mcore(tiny_hf, out, overwrite=True, progress=False)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
