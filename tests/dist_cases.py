@@ -86,10 +86,129 @@ def resync_tensors(hf_dir: str, mcore_dir: str, layouts: list, bucket_bytes: int
         seen = {}
         for bucket in hf_buckets(model, arch, bucket_bytes=bucket_bytes, stats=stats):
             size = sum(t.numel() * t.element_size() for _, t in bucket)
-            assert size <= bucket_bytes or len(bucket) == 1, size
+            groups = {_hf_group(n) for n, _ in bucket}
+            assert size <= bucket_bytes or len(groups) == 1, (size, groups)  # only a lone oversized group
             for name, t in bucket:
                 seen[name] = bool(torch.equal(t, ref.tensor(name)))
         assert set(seen) == set(ref.names()), set(ref.names()) ^ set(seen)
         assert all(seen.values()), [k for k, v in seen.items() if not v]
         out[f"tp{tp}pp{pp}"] = {"tensors": stats.tensors, "buckets": stats.buckets}
+    return out
+
+
+def _hf_group(name: str) -> str:
+    """The layer group of a canonical HF name: 'model.language_model.layers.3', 'model.visual.blocks.0',
+    or the name itself for global tensors."""
+    import re
+
+    m = re.match(r"(.*\.(?:layers|blocks)\.\d+)\.", name)
+    return m.group(1) if m else name
+
+
+def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: bool = False) -> dict:
+    """Each rank holds its own in-process vLLM engine (TP=1) next to its Megatron shard.
+    Before and after one gradient step + resync, the engine's logprobs of the same tokens equal
+    the Megatron model's. Optionally: a resync that fails midway leaves the engine refusing to
+    generate until a complete resync."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from checkpoints_conv.verify import _image
+    from megatron_vr1.config import load_hf_arch
+    from megatron_vr1.hf_processor import load_processor
+    from megatron_vr1.models.qwen25_vl.io import load_weights, make_inputs
+    from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
+    from megatron_vr1.rl.forward import sequence_logprobs
+    from megatron_vr1.rl.grpo import token_logprobs
+    from megatron_vr1.rollout.engine import EngineWeightsInconsistent, RolloutPrompt, SamplingSettings
+    from megatron_vr1.rollout.resync import hf_buckets
+    from megatron_vr1.rollout.vllm_engine import VLLMEngine
+
+    _init_layout(tp, pp)
+    arch = load_hf_arch(hf_dir)
+    engine = VLLMEngine(hf_dir, arch, max_model_len=512, kv_cache_bytes=16 * 2**20)
+    model = build_model(arch, ModelOptions(tp=tp, pp=pp), parallel_output=False)
+    load_weights(model, mcore_dir)
+    proc = load_processor(hf_dir)
+
+    def chat(text, n_images):
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+        return proc.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+
+    prompts = [RolloutPrompt(chat("How many red shapes are there?", 0)),
+               RolloutPrompt(chat("How many red shapes are there?", 1), [_image(112, 112, 7)])]
+    # continuations sampled by the engine itself (what RL scores)
+    groups = engine.generate(prompts, SamplingSettings(n=1, max_tokens=12, temperature=1.0, seed=3))
+
+    def megatron_lp():
+        res = []
+        for p, g in zip(prompts, groups):
+            r = g[0]
+            enc = proc(text=[p.text], images=p.images or None, return_tensors="pt")
+            assert enc["input_ids"][0].tolist() == r.prompt_ids, "processor and engine disagree on prompt ids"
+            ids = torch.tensor([r.prompt_ids + r.response_ids])
+            inp = make_inputs(arch, ids, None, enc.get("pixel_values"), enc.get("image_grid_thw"))
+            lp = sequence_logprobs(model, arch, inp)
+            res.append(lp[0, len(r.prompt_ids) - 1:])
+        return res
+
+    def engine_lp():
+        return [torch.tensor(x) for x in engine.prompt_logprobs(prompts, [g[0].response_ids for g in groups])]
+
+    def maxdiff(a, b):
+        return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+    out = {}
+    before_m = megatron_lp()
+    out["before"] = maxdiff(before_m, engine_lp())
+    out["sampled_vs_megatron"] = maxdiff(before_m, [torch.tensor(g[0].response_logprobs) for g in groups])
+
+    # one gradient step on the Megatron weights (the loss: -logp of the sampled image continuation)
+    r = groups[1][0]
+    enc = proc(text=[prompts[1].text], images=prompts[1].images, return_tensors="pt")
+    ids = torch.tensor([r.prompt_ids + r.response_ids])
+    inp = make_inputs(arch, ids, None, enc["pixel_values"], enc["image_grid_thw"])
+    model.zero_grad()
+
+    def forward_step(data_iterator, model_):
+        logits = model_(next(data_iterator))
+
+        def loss_fn(output):
+            lp = token_logprobs(output[:, :-1], ids[:, 1:], vocab_size=arch.text.vocab_size)
+            loss = -lp[:, len(r.prompt_ids) - 1:].sum()
+            return loss, {"loss": loss.detach()}
+
+        return logits, loss_fn
+
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([inp]), model=[model],
+                                num_microbatches=1, seq_length=ids.shape[1], micro_batch_size=1, forward_only=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-0.05)
+    after_m = megatron_lp()
+    out["step_changed_logprobs_by"] = maxdiff(after_m, before_m)
+    stats = engine.update_weights(hf_buckets(model, arch, bucket_bytes=1 << 20))
+    out["resync_tensors"] = stats.tensors
+    out["after"] = maxdiff(after_m, engine_lp())
+
+    if check_failure:
+        def bad_buckets():
+            good = list(hf_buckets(model, arch, bucket_bytes=1 << 20))
+            yield good[0]
+            name, t = good[1][0]
+            yield [(name, t[:-1])] + good[1][1:]  # a truncated tensor in the second bucket
+        try:
+            engine.update_weights(bad_buckets())
+            out["bad_bucket_raised"] = False
+        except ValueError as e:
+            out["bad_bucket_raised"] = "has shape" in str(e)
+        try:
+            engine.generate(prompts[:1], SamplingSettings(max_tokens=4))
+            out["dirty_engine_refused"] = False
+        except EngineWeightsInconsistent:
+            out["dirty_engine_refused"] = True
+        engine.update_weights(hf_buckets(model, arch, bucket_bytes=1 << 20))
+        out["after_recovery"] = maxdiff(after_m, engine_lp())
+    dist.barrier()
+    engine.shutdown()
     return out

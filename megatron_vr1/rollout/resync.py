@@ -7,8 +7,9 @@ block, or one global tensor), every rank
   2. assembles the full Megatron tensor inside its tensor-parallel group (all-gather),
   3. receives it from the pipeline stage that owns it (broadcast from that stage's first rank),
   4. unpacks it into HF tensors with `mapping.unpack`.
-Buckets of at most `bucket_bytes` are yielded as they fill; peak extra memory is one bucket plus
-one layer group. Groups that did not change (a frozen vision tower) can be skipped.
+Buckets hold whole layer groups (an engine must receive whole modules per load call) and are
+yielded before they would exceed `bucket_bytes` (a single group larger than that is sent alone);
+peak extra memory is one bucket plus one layer group. Groups that did not change (a frozen vision tower) can be skipped.
 """
 
 from __future__ import annotations
@@ -117,19 +118,20 @@ def hf_buckets(model, arch, bucket_bytes: int = 256 * 2**20, dtype: Optional[tor
             if topo.world > 1:
                 dist.broadcast(t, src=topo.first_rank_of_stage[stage_of(p)])
             full[p.key] = t
-        for name, t in unpack(gplans, full, shapes).items():
-            if dtype is not None:
-                t = t.to(dtype)
-            n = t.numel() * t.element_size()
-            if bucket and size + n > bucket_bytes:
-                stats.buckets += 1
-                stats.max_bucket_bytes = max(stats.max_bucket_bytes, size)
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((name, t))
-            size += n
-            stats.tensors += 1
-            stats.bytes += n
+        tensors = unpack(gplans, full, shapes)
+        if dtype is not None:
+            tensors = {n: t.to(dtype) for n, t in tensors.items()}
+        n = sum(t.numel() * t.element_size() for t in tensors.values())
+        # buckets end at group boundaries: an engine must receive whole modules per call
+        if bucket and size + n > bucket_bytes:
+            stats.buckets += 1
+            stats.max_bucket_bytes = max(stats.max_bucket_bytes, size)
+            yield bucket
+            bucket, size = [], 0
+        bucket += list(tensors.items())
+        size += n
+        stats.tensors += len(tensors)
+        stats.bytes += n
     if bucket:
         stats.buckets += 1
         stats.max_bucket_bytes = max(stats.max_bucket_bytes, size)

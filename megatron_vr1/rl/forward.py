@@ -1,0 +1,50 @@
+"""The Megatron contract: `forward_step(data_iterator, model) -> (output, loss_func)` for
+megatron-core's `get_forward_backward_func()`, and per-token logprobs of given sequences.
+
+Logits come gathered over TP (`parallel_output=False` models); padded vocabulary entries are
+excluded before the softmax.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_vr1.models.qwen25_vl.model import VLInputs
+from megatron_vr1.rl.grpo import token_logprobs
+
+
+def sequence_logprobs(model, arch, inp: VLInputs, temperature: float = 1.0,
+                      broadcast: bool = True) -> Optional[torch.Tensor]:
+    """logp[b, t] = log p(token t+1 | tokens <= t), shape [B, S-1], forward only.
+
+    On the last pipeline stage always; on every rank when `broadcast` (from the last stage)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    B, S = inp.input_ids_BS.shape
+    targets = inp.input_ids_BS[:, 1:]
+
+    def forward_step(data_iterator, model_):
+        logits = model_(next(data_iterator))
+
+        def collect(output, non_loss_data=False):
+            return token_logprobs(output[:, :-1], targets, vocab_size=arch.text.vocab_size, temperature=temperature)
+
+        return logits, collect
+
+    with torch.no_grad():
+        outs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([inp]), model=[model], num_microbatches=1,
+            seq_length=S, micro_batch_size=B, forward_only=True, collect_non_loss_data=True,
+        )
+    last = ps.is_pipeline_last_stage()
+    out = outs[0] if last else None
+    if broadcast and dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        buf = out if last else torch.empty(B, S - 1)
+        src = dist.get_global_rank(ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size() - 1)
+        dist.broadcast(buf, src=src, group=ps.get_pipeline_model_parallel_group())
+        out = buf
+    return out
