@@ -73,7 +73,8 @@ def resync_tensors(hf_dir: str, mcore_dir: str, layouts: list, bucket_bytes: int
     from megatron_vr1.config import load_hf_arch
     from megatron_vr1.models.qwen25_vl.io import load_weights
     from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
-    from megatron_vr1.rollout.resync import ResyncStats, hf_buckets
+    from megatron_vr1.rollout.engine import UpdateStats
+    from megatron_vr1.rollout.resync import hf_buckets
 
     arch = load_hf_arch(hf_dir)
     ref = HFReader(hf_dir)
@@ -82,7 +83,7 @@ def resync_tensors(hf_dir: str, mcore_dir: str, layouts: list, bucket_bytes: int
         _init_layout(tp, pp)
         model = build_model(arch, ModelOptions(tp=tp, pp=pp))
         load_weights(model, mcore_dir)
-        stats = ResyncStats()
+        stats = UpdateStats()
         seen = {}
         for bucket in hf_buckets(model, arch, bucket_bytes=bucket_bytes, stats=stats):
             size = sum(t.numel() * t.element_size() for _, t in bucket)
@@ -167,24 +168,28 @@ def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: 
     enc = proc(text=[prompts[1].text], images=prompts[1].images, return_tensors="pt")
     ids = torch.tensor([r.prompt_ids + r.response_ids])
     inp = make_inputs(arch, ids, None, enc["pixel_values"], enc["image_grid_thw"])
-    model.zero_grad()
 
-    def forward_step(data_iterator, model_):
-        logits = model_(next(data_iterator))
+    def gradient_step(lr):
+        model.zero_grad()
 
-        def loss_fn(output):
-            lp = token_logprobs(output[:, :-1], ids[:, 1:], vocab_size=arch.text.vocab_size)
-            loss = -lp[:, len(r.prompt_ids) - 1:].sum()
-            return loss, {"loss": loss.detach()}
+        def forward_step(data_iterator, model_):
+            logits = model_(next(data_iterator))
 
-        return logits, loss_fn
+            def loss_fn(output):
+                lp = token_logprobs(output[:, :-1], ids[:, 1:], vocab_size=arch.text.vocab_size)
+                loss = -lp[:, len(r.prompt_ids) - 1:].sum()
+                return loss, {"loss": loss.detach()}
 
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([inp]), model=[model],
-                                num_microbatches=1, seq_length=ids.shape[1], micro_batch_size=1, forward_only=False)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p.add_(p.grad, alpha=-0.05)
+            return logits, loss_fn
+
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([inp]), model=[model],
+                                    num_microbatches=1, seq_length=ids.shape[1], micro_batch_size=1, forward_only=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None and p.requires_grad:
+                    p.add_(p.grad, alpha=-lr)
+
+    gradient_step(0.05)
     after_m = megatron_lp()
     out["step_changed_logprobs_by"] = maxdiff(after_m, before_m)
     stats = engine.update_weights(hf_buckets(model, arch, bucket_bytes=1 << 20))
@@ -209,6 +214,15 @@ def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: 
             out["dirty_engine_refused"] = True
         engine.update_weights(hf_buckets(model, arch, bucket_bytes=1 << 20))
         out["after_recovery"] = maxdiff(after_m, engine_lp())
+        # a frozen vision tower is not re-sent, and the engine still matches
+        if model.vision_model is not None:
+            for p in model.vision_model.parameters():
+                p.requires_grad_(False)
+        gradient_step(0.05)
+        frozen_m = megatron_lp()
+        stats = engine.update_weights(hf_buckets(model, arch, bucket_bytes=1 << 20, include_vision=False))
+        out["frozen_vision_tensors_sent"] = stats.tensors
+        out["after_frozen_vision_step"] = maxdiff(frozen_m, engine_lp())
     dist.barrier()
     engine.shutdown()
     return out

@@ -37,6 +37,8 @@ def test_resync_after_a_step_tp1_and_failed_resync(tiny_hf, tiny_mcore):
     assert r["after"] <= TOL and r["resync_tensors"] == 81
     assert r["bad_bucket_raised"] and r["dirty_engine_refused"]  # never serves a silent mix
     assert r["after_recovery"] <= TOL
+    assert r["frozen_vision_tensors_sent"] == 81 - 2 * 12 - 6  # 2 vision blocks of 12 tensors + 6 merger/patch tensors
+    assert r["after_frozen_vision_step"] <= TOL
 
 
 @pytest.mark.slow

@@ -15,23 +15,14 @@ peak extra memory is one bucket plus one layer group. Groups that did not change
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from checkpoints_conv.mapping import TensorPlan, expected_hf_shapes, group_of, plan, unpack
+from megatron_vr1.rollout.engine import Bucket, UpdateStats
 
-Bucket = list[tuple[str, torch.Tensor]]
-
-
-@dataclass
-class ResyncStats:
-    tensors: int = 0
-    bytes: int = 0
-    buckets: int = 0
-    max_bucket_bytes: int = 0
 
 
 def _local_pieces(model) -> dict[tuple[str, Optional[int]], list[tuple[tuple[int, ...], torch.Tensor]]]:
@@ -91,7 +82,7 @@ def _assemble(p: TensorPlan, local: list, topo: _Topology, dtype: torch.dtype) -
 
 
 def hf_buckets(model, arch, bucket_bytes: int = 256 * 2**20, dtype: Optional[torch.dtype] = None,
-               include_vision: bool = True, stats: Optional[ResyncStats] = None) -> Iterator[Bucket]:
+               include_vision: bool = True, stats: Optional[UpdateStats] = None) -> Iterator[Bucket]:
     """Yield buckets of (canonical HF name, tensor) covering the whole model, on every rank.
 
     All ranks must call this together (it runs collectives). `model` is this rank's chunk.
@@ -105,7 +96,7 @@ def hf_buckets(model, arch, bucket_bytes: int = 256 * 2**20, dtype: Optional[tor
         groups.setdefault(group_of(p), []).append(p)
     stage_of = _stage_of_key(arch)
     pdtype = next(model.parameters()).dtype
-    stats = stats if stats is not None else ResyncStats()
+    stats = stats if stats is not None else UpdateStats()
     bucket: Bucket = []
     size = 0
     for g, gplans in groups.items():
