@@ -264,3 +264,48 @@ def engine_greedy_vs_transformers(hf_dir: str) -> dict:
     dist.barrier()
     engine.shutdown()
     return out
+
+
+def update_invariance(hf_dir: str, mcore_dir: str, layouts: list) -> dict:
+    """One GRPO optimizer step on the same fixed batch (two micro-batches: a text sample and an
+    image sample) at each layout: loss, grad norm and the post-step logprobs per layout."""
+    from checkpoints_conv.verify import probes
+    from megatron_vr1.config import load_hf_arch
+    from megatron_vr1.models.qwen25_vl.io import load_weights, make_inputs
+    from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
+    from megatron_vr1.rl.forward import sequence_logprobs
+    from megatron_vr1.rl.update import LossSettings, PolicyMicroBatch, build_optimizer, policy_update, wrap_ddp
+
+    arch = load_hf_arch(hf_dir)
+    ps_ = {p.name: p.inputs for p in probes(hf_dir)}
+    samples = [ps_["text"], ps_["one_image"]]
+    S = max(x["input_ids"].shape[1] for x in samples) + 3
+    out = {}
+    for tp, pp in layouts:
+        _init_layout(tp, pp, seed=1234)
+        model = build_model(arch, ModelOptions(tp=tp, pp=pp), parallel_output=False)
+        load_weights(model, mcore_dir)
+        mbs = []
+        for k, x in enumerate(samples):
+            n = x["input_ids"].shape[1]
+            ids = torch.cat([x["input_ids"], torch.full((1, S - n), 302)], 1)
+            am = torch.cat([torch.ones(1, n, dtype=torch.long), torch.zeros(1, S - n, dtype=torch.long)], 1)
+            inp = make_inputs(arch, ids, am, x.get("pixel_values"), x.get("image_grid_thw"))
+            mask = torch.zeros(1, S - 1)
+            mask[0, n - 12:n - 1] = 1  # the last 11 real tokens are "the response"
+            old = sequence_logprobs(model, arch, inp)
+            mbs.append(PolicyMicroBatch(inputs=inp, loss_mask_BT=mask, old_logp_BT=old,
+                                        adv_B=torch.tensor([1.0 if k == 0 else -0.5]), ref_logp_BT=old.clone()))
+        # every data-parallel replica gets the same two samples: the global batch is dp copies
+        from megatron.core import parallel_state as ps
+
+        dp = ps.get_data_parallel_world_size()
+        gt = float(sum(mb.loss_mask_BT.sum() for mb in mbs)) * dp
+        ddp = wrap_ddp(model, model.config)
+        opt = build_optimizer(ddp, lr=1e-3, weight_decay=0.0)
+        m = policy_update(ddp, opt, mbs, arch, LossSettings(clip_low=0.2, clip_high=0.2, kl_beta=0.01),
+                          global_tokens=gt, global_seqs=2 * dp, seq_length=S)
+        after = [float((sequence_logprobs(model, arch, mb.inputs) * mb.loss_mask_BT).sum()) for mb in mbs]
+        out[f"tp{tp}pp{pp}"] = {"loss": m.loss, "kl": m.kl, "ratio_mean": m.ratio_mean, "clip_frac": m.clip_frac,
+                                "grad_norm": m.grad_norm, "after": after}
+    return out

@@ -80,3 +80,20 @@ def test_logprobs_exclude_padded_vocab():
     lp = token_logprobs(logits, torch.tensor([[0]]), vocab_size=2)
     assert lp.item() == pytest.approx(math.log(0.5))
     assert entropy(logits, vocab_size=2).item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.slow
+def test_grpo_step_replay_invariance_tp_pp(tiny_hf, tiny_mcore):
+    """The same rollout batch at TP1 / TP2 / PP2 / TP2xPP2: same loss and grad norm (<= 1e-5), and
+    the first on-policy step has KL == 0, ratio == 1 and no clipping exactly."""
+    from distributed import run_distributed
+
+    res = run_distributed("update_invariance", 4, hf_dir=str(tiny_hf), mcore_dir=str(tiny_mcore),
+                          layouts=[[1, 1], [2, 1], [1, 2], [2, 2]])[0]
+    ref = res["tp1pp1"]
+    assert ref["loss"] == pytest.approx(-(11 * 1.0 + 11 * -0.5) / 22, abs=1e-7)
+    for layout, r in res.items():
+        assert r["kl"] == 0.0 and r["ratio_mean"] == 1.0 and r["clip_frac"] == 0.0, (layout, r)
+        assert abs(r["loss"] - ref["loss"]) <= 1e-5, (layout, r)
+        assert abs(r["grad_norm"] - ref["grad_norm"]) <= 1e-5 * max(1.0, ref["grad_norm"]), (layout, r)
+        assert r["after"] == pytest.approx(ref["after"], abs=1e-4), (layout, r)

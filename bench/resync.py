@@ -1,0 +1,433 @@
+"""Benchmark of the weight resync (Megatron model -> vLLM engine) against an in-memory copy of the same bytes.
+
+    python bench/resync.py [--mb 600] [--bucket-mb 64 256] [--repeats 3] [--no-profile] [--workdir DIR] [--keep]
+
+What it does (one process, like the trainer: gloo world size 1, TP=PP=1, vLLM in-process):
+1. builds a synthetic Qwen2.5-VL-shaped HF checkpoint of about --mb MB in float32 (vLLM on CPU
+   runs fp32): the tiny model's config.json structure and its tokenizer / processor / chat
+   template (so vLLM and transformers load it), with text hidden 1024, 8 heads / 2 KV heads
+   (head_dim 128), ffn 2816, vocab 32000 (> the tokenizer's 320: padding rows), as many LM layers
+   as it takes to reach the size; vision depth 2, hidden 1280, 16 heads, intermediate 3420 (the
+   7B's width, padded to 3456 in Megatron), out_hidden 1024. Random N(0, 0.02) values, norms = 1.
+   The shape table and the shard writer's layout come from bench/convert.py; then `hf_to_mcore`.
+2. starts `VLLMEngine` (max_model_len 256, 32 MiB KV cache), builds the Megatron model and loads
+   the converted checkpoint, then times, --repeats times each (interleaved; best and all runs):
+     memcpy          `dst.copy_(src)` of every model parameter into preallocated tensors of the
+                     same shapes: the physical limit on this machine (same process, same threads)
+     hf_buckets B    `hf_buckets(model, arch, bucket_bytes=B)` drained, nothing kept (gather + unpack)
+     update only B   `engine.update_weights(buckets)` of buckets built beforehand (the engine side)
+     resync B        `engine.update_weights(hf_buckets(model, arch, bucket_bytes=B))` (what the trainer runs)
+   for every B in --bucket-mb. GB/s = bytes / wall s (memcpy: the Megatron parameters' bytes;
+   the others: the HF tensors' bytes, i.e. without the Megatron vocab / vision-MLP padding).
+   Peak extra memory: RssAnon sampled every 10 ms by a thread, minus RssAnon right before the
+   run (after `malloc_trim`); for "update only" the prebuilt buckets are already counted before.
+3. checks once: the engine's greedy output for a short text prompt after the resyncs equals its
+   output before (same weights), and every `update_weights` returned the expected tensor count.
+4. prints the table and a SUMMARY line; if a resync is below 0.2x of memcpy (--profile-below),
+   profiles one resync per bucket size with cProfile and prints where the time goes.
+
+vLLM's CPU worker replaces `torch.set_num_threads` with a no-op once it has bound its threads,
+so the thread count in effect for every phase is the one vLLM leaves (printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import ctypes
+import gc
+import json
+import logging
+import os
+import pstats
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for p in (str(REPO), str(BENCH)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import torch  # noqa: E402
+
+import convert as bench_convert  # noqa: E402  (bench/convert.py: shape table, AnonSampler)
+
+MIB = 2**20
+INDEX = bench_convert.INDEX
+
+TEXT = dict(hidden_size=1024, num_attention_heads=8, num_key_value_heads=2, intermediate_size=2816, vocab_size=32000)
+VISION = dict(depth=2, hidden_size=1280, num_heads=16, intermediate_size=3420)
+PROMPT = "<|im_start|>user\nHow many red shapes are there?<|im_end|>\n<|im_start|>assistant\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic checkpoint (float32)
+# --------------------------------------------------------------------------------------------
+
+
+def make_config(template: dict, num_layers: int) -> dict:
+    """The tiny model's config.json (token ids, rope types, every field) with bigger sizes."""
+    cfg = json.loads(json.dumps(template))
+    t, v = cfg["text_config"], cfg["vision_config"]
+    head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
+    t.update(hidden_size=TEXT["hidden_size"], num_attention_heads=TEXT["num_attention_heads"],
+             num_key_value_heads=TEXT["num_key_value_heads"], intermediate_size=TEXT["intermediate_size"],
+             vocab_size=TEXT["vocab_size"], num_hidden_layers=num_layers, max_window_layers=num_layers,
+             layer_types=["full_attention"] * num_layers)
+    t["rope_parameters"]["mrope_section"] = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]  # [16, 24, 24]
+    v.update(depth=VISION["depth"], hidden_size=VISION["hidden_size"], num_heads=VISION["num_heads"],
+             intermediate_size=VISION["intermediate_size"], out_hidden_size=TEXT["hidden_size"],
+             fullatt_block_indexes=[VISION["depth"] - 1])
+    cfg["dtype"] = "float32"
+    return cfg
+
+
+def build_checkpoint(dst: Path, mb: float, shard_mib: int, seed: int) -> dict:
+    from safetensors.torch import save_file
+
+    from megatron_vr1.tiny_model import build_tiny_model
+
+    tiny = dst.parent / "tiny"
+    build_tiny_model(tiny)
+    dst.mkdir(parents=True)
+    for f in tiny.iterdir():  # tokenizer, processor, chat template, generation config
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", INDEX):
+            shutil.copy2(f, dst / f.name)
+    template = json.loads((tiny / "config.json").read_text())
+    shutil.rmtree(tiny)
+
+    def nbytes(shape):
+        return torch.Size(shape).numel() * 4
+
+    target, layers = int(mb * 1e6), 1
+    while True:  # fewest LM layers that reach the target size
+        (dst / "config.json").write_text(json.dumps(make_config(template, layers), indent=2) + "\n")
+        shapes = bench_convert._hub_shapes(dst)
+        total = sum(nbytes(s) for s in shapes.values())
+        if total >= target:
+            break
+        layers += 1
+    shards, cur, cur_bytes = [], [], 0
+    for name, shape in shapes.items():
+        if cur and cur_bytes + nbytes(shape) > shard_mib * MIB:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(name)
+        cur_bytes += nbytes(shape)
+    shards.append(cur)
+    gen = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for n in names:
+            is_norm = n.endswith("norm.weight") or n.endswith("norm1.weight") or n.endswith("norm2.weight") \
+                or n.endswith("ln_q.weight")
+            t = torch.empty(shapes[n], dtype=torch.float32)
+            tensors[n] = t.fill_(1.0) if is_norm else t.normal_(0.0, 0.02, generator=gen)
+        save_file(tensors, dst / fname, metadata={"format": "pt"})
+        del tensors
+        weight_map.update({n: fname for n in names})
+    (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return dict(bytes=total, tensors=len(shapes), shards=len(shards), lm_layers=layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement helpers
+# --------------------------------------------------------------------------------------------
+
+_LIBC = ctypes.CDLL("libc.so.6")
+
+
+def _trim() -> None:
+    gc.collect()
+    _LIBC.malloc_trim(0)
+
+
+def measure(fn) -> dict:
+    """Wall seconds and peak extra RssAnon of fn()."""
+    _trim()
+    before = bench_convert._status_kib("RssAnon")
+    with bench_convert.AnonSampler(0.01) as mem:
+        t0 = time.perf_counter()
+        extra = fn()
+        seconds = time.perf_counter() - t0
+    extra = {("inner_" + k if k in ("seconds", "peak") else k): v for k, v in (extra or {}).items()}
+    return dict(seconds=seconds, peak=(mem.peak - before) * 1024, **extra)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# cProfile entries to report: (label, file path fragment, function name)
+PROFILE_ROWS = [
+    ("resync total (update_weights)", "rollout/vllm_engine.py", "update_weights"),
+    ("  hf_buckets (generator, all resumptions)", "rollout/resync.py", "hf_buckets"),
+    ("    _local_pieces (sharded_state_dict)", "rollout/resync.py", "_local_pieces"),
+    ("    _assemble (empty + copy of each full tensor)", "rollout/resync.py", "_assemble"),
+    ("    mapping.unpack (empty + copy per HF tensor, padding check)", "checkpoints_conv/mapping.py", "unpack"),
+    ("  _validate (isfinite of every tensor)", "rollout/vllm_engine.py", "_validate"),
+    ("  vLLM reload_weights (per bucket)", "reload/inplace.py", "reload_weights"),
+    ("    initialize_layerwise_reload (every module, every call)", "reload/layerwise.py", "initialize_layerwise_reload"),
+    ("    model.load_weights (buffer + process)", "qwen2_5_vl.py", "load_weights"),
+    ("      _layerwise_process (materialize, load, repack, copy back)", "reload/layerwise.py", "_layerwise_process"),
+    ("        materialize_layer (allocate fresh params)", "reload/meta.py", "materialize_layer"),
+    ("        process_weights_after_loading (CPU GEMM repacking)", "layers/linear.py", "process_weights_after_loading"),
+    ("          dispatch_cpu_unquantized_gemm", "layers/utils.py", "dispatch_cpu_unquantized_gemm"),
+    ("        _copy_and_restore_kernel_tensors (copy back)", "reload/layerwise.py", "_copy_and_restore_kernel_tensors"),
+    ("    finalize_layerwise_reload (every module, every call)", "reload/layerwise.py", "finalize_layerwise_reload"),
+    ("  reset_prefix_cache", "entrypoints/llm.py", "reset_prefix_cache"),
+    ("  reset_encoder_cache", "", "reset_encoder_cache"),
+    ("torch function mode (platform.cpu_device_mode)", "megatron_vr1/platform.py", "__torch_function__"),
+    ("Tensor.copy_ (all callers)", "", "method 'copy_' of 'torch._C.TensorBase' objects"),
+    ("torch.empty (all callers)", "", "built-in method empty of type object"),
+    ("isfinite (all callers)", "", "built-in method isfinite of type object"),
+    ("count_nonzero (all callers)", "", "built-in method count_nonzero of type object"),
+    ("create_onednn_mm (oneDNN handle per linear)", "_custom_ops.py", "create_onednn_mm"),
+]
+
+
+def profile_resync(engine, model, arch, bucket_bytes: int, top: int) -> tuple[float, list[str]]:
+    from megatron_vr1.rollout.resync import hf_buckets
+
+    _trim()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    engine.update_weights(hf_buckets(model, arch, bucket_bytes=bucket_bytes))
+    prof.disable()
+    wall = time.perf_counter() - t0
+    st = pstats.Stats(prof)
+    total = max((v[3] for (f, _, n), v in st.stats.items() if n == "update_weights" and "vllm_engine" in f),
+                default=wall)
+    lines = [f"cProfile of one resync, bucket {bucket_bytes // MIB} MiB: {wall:.2f} s wall under the profiler"]
+    lines.append(f"    {'where':66s} {'calls':>7s} {'cum s':>7s} {'% resync':>8s}")
+    for label, frag, name in PROFILE_ROWS:
+        calls = cum = 0.0
+        found = False
+        for (f, _, n), (cc, nc, tt, ct, callers) in st.stats.items():
+            if n == name and frag in f:
+                found = True
+                calls += nc
+                cum = max(cum, ct) if name in ("update_weights", "hf_buckets") else cum + ct
+        if found:
+            lines.append(f"    {label:66s} {int(calls):7d} {cum:7.2f} {100 * cum / total:7.1f}%")
+    lines.append(f"    top {top} functions by own time (tottime):")
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    for (f, ln, n), (cc, nc, tt, ct, callers) in rows:
+        where = f"{Path(f).parent.name}/{Path(f).name}:{ln}" if f != "~" else ""
+        lines.append(f"      {tt:7.2f} s own {ct:7.2f} s cum {nc:7d} calls  {n[:60]} {where}")
+    return wall, lines
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=float, default=600, help="size of the synthetic checkpoint (MB = 1e6 bytes, fp32)")
+    ap.add_argument("--bucket-mb", type=int, nargs="+", default=[64, 256], help="resync bucket sizes (MiB)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; best and all runs are reported")
+    ap.add_argument("--shard-mib", type=int, default=256, help="max shard size of the synthetic HF checkpoint")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile-below", type=float, default=0.2,
+                    help="profile the resync when its ratio to memcpy is below this (0: never)")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--profile-top", type=int, default=15)
+    ap.add_argument("--workdir", help="folder for the checkpoints (default: a fresh temp dir under /tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the workdir")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+    if args.workdir:
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+        if any(work.iterdir()):
+            raise SystemExit(f"--workdir {work} is not empty")
+    else:
+        work = Path(tempfile.mkdtemp(prefix="resync-bench-", dir="/tmp"))
+    hf_dir, mcore_dir = work / "hf", work / "mcore"
+    t_start = time.perf_counter()
+    engine = None
+    try:
+        t0 = time.perf_counter()
+        info = build_checkpoint(hf_dir, args.mb, args.shard_mib, args.seed)
+        t_build = time.perf_counter() - t0
+        from checkpoints_conv.convert import hf_to_mcore
+
+        conv = hf_to_mcore(hf_dir, mcore_dir, tp=1, pp=1, progress=False)
+        print(f"workdir {work}; torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
+        print(f"built {info['bytes'] / 1e6:.0f} MB fp32 ({info['tensors']} tensors, {info['shards']} shards, "
+              f"{info['lm_layers']} LM layers of hidden {TEXT['hidden_size']} + {VISION['depth']} vision blocks of "
+              f"hidden {VISION['hidden_size']}) in {t_build:.1f} s; hf_to_mcore {conv.seconds:.1f} s", flush=True)
+
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from checkpoints_conv.mapping import expected_hf_shapes
+        from megatron_vr1 import platform
+        from megatron_vr1.config import load_hf_arch
+        from megatron_vr1.models.qwen25_vl.io import load_weights
+        from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
+        from megatron_vr1.rollout.engine import RolloutPrompt, SamplingSettings
+        from megatron_vr1.rollout.engine import UpdateStats
+        from megatron_vr1.rollout.resync import hf_buckets
+        from megatron_vr1.rollout.vllm_engine import VLLMEngine
+
+        import vllm  # noqa: F401  (configures its logger)
+
+        vllm_log = open(work / "vllm.log", "w")  # vLLM logs to stdout: keep the table readable, same cost
+        for h in logging.getLogger("vllm").handlers:
+            if isinstance(h, logging.StreamHandler):
+                h.setStream(vllm_log)
+        platform.setup()
+        threads_before = torch.get_num_threads()
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+        platform.model_parallel_seed(args.seed)
+        arch = load_hf_arch(hf_dir)
+
+        t0 = time.perf_counter()
+        engine = VLLMEngine(hf_dir, arch, max_model_len=256, kv_cache_bytes=32 * MIB)
+        t_engine = time.perf_counter() - t0
+        threads = torch.get_num_threads()
+        t0 = time.perf_counter()
+        model = build_model(arch, ModelOptions())
+        load_weights(model, mcore_dir)
+        t_model = time.perf_counter() - t0
+        print(f"vLLM engine up in {t_engine:.1f} s; Megatron model built + loaded in {t_model:.1f} s; "
+              f"torch threads {threads_before} before vLLM, {threads} in effect after "
+              f"(vLLM's CPU worker makes torch.set_num_threads a no-op); OMP_NUM_THREADS="
+              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
+
+        greedy = SamplingSettings(n=1, max_tokens=16, temperature=0.0)
+
+        def greedy_ids():
+            return engine.generate([RolloutPrompt(PROMPT)], greedy)[0][0].response_ids
+
+        before_ids = greedy_ids()
+        expected_tensors = len(expected_hf_shapes(arch))
+        params = [p.detach() for p in model.parameters()]
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+        hf_bytes = sum(torch.Size(s).numel() * 4 for s in expected_hf_shapes(arch).values())
+
+        def run_memcpy():
+            dst = [torch.empty_like(p) for p in params]
+            for d, s in zip(dst, params):  # touch the pages first: the copy is measured, not page faults
+                d.fill_(0)
+
+            def go():
+                for d, s in zip(dst, params):
+                    d.copy_(s)
+            r = measure(go)
+            del dst
+            return r
+
+        def run_buckets(b):
+            def go():
+                st = UpdateStats()
+                for bucket in hf_buckets(model, arch, bucket_bytes=b, stats=st):
+                    del bucket
+                return dict(tensors=st.tensors, bytes=st.bytes, buckets=st.buckets)
+            return measure(go)
+
+        def run_update_only(b):
+            prebuilt = list(hf_buckets(model, arch, bucket_bytes=b))
+            r = measure(lambda: vars(engine.update_weights(prebuilt)))
+            del prebuilt
+            return r
+
+        def run_resync(b):
+            return measure(lambda: vars(engine.update_weights(hf_buckets(model, arch, bucket_bytes=b))))
+
+        phases = [("memcpy", "in-memory copy (limit)", run_memcpy, None)]
+        for mb in args.bucket_mb:
+            phases.append((f"buckets{mb}", f"hf_buckets only, {mb} MiB", run_buckets, mb * MIB))
+        for mb in args.bucket_mb:
+            phases.append((f"update{mb}", f"update_weights only, {mb} MiB", run_update_only, mb * MIB))
+        for mb in args.bucket_mb:
+            phases.append((f"resync{mb}", f"resync, {mb} MiB buckets", run_resync, mb * MIB))
+        runs: dict[str, list[dict]] = {k: [] for k, *_ in phases}
+        for r in range(args.repeats):
+            for key, label, fn, b in phases:
+                res = fn() if b is None else fn(b)
+                runs[key].append(res)
+                print(f"  run {r + 1}/{args.repeats} {label:30s} {res['seconds']:7.2f} s   "
+                      f"peak +{res['peak'] / MIB:6.0f} MiB", flush=True)
+
+        after_ids = greedy_ids()
+        counts = [x["tensors"] for k in runs if not k.startswith("memcpy") for x in runs[k]]
+        ok_greedy = after_ids == before_ids and len(before_ids) > 0
+        ok_count = all(c == expected_tensors for c in counts)
+
+        best = {k: min(v, key=lambda x: x["seconds"]) for k, v in runs.items()}
+        base = param_bytes / 1e9 / best["memcpy"]["seconds"]
+        print()
+        print(f"model: {hf_bytes / 1e6:.0f} MB of HF tensors fp32 ({expected_tensors} tensors); Megatron parameters "
+              f"{param_bytes / 1e6:.0f} MB (vocab / vision-MLP padding); torch threads in effect {threads}; "
+              f"best of {args.repeats}; GB/s = bytes / wall s")
+        hdr = (f"{'phase':30s} {'bytes':>13s} {'seconds':>8s} {'GB/s':>6s} {'ratio':>6s} {'peak extra':>11s} "
+               f"{'buckets':>7s}  all runs (s)")
+        print(hdr)
+        print("-" * len(hdr))
+        summary = {}
+        for key, label, _, b in phases:
+            s = best[key]["seconds"]
+            nbytes = param_bytes if key == "memcpy" else best[key]["bytes"]
+            gbps = nbytes / 1e9 / s
+            summary[key] = (gbps, gbps / base)
+            peak = max(x["peak"] for x in runs[key])
+            nb = "" if key == "memcpy" else str(best[key]["buckets"])
+            all_runs = " ".join(f"{x['seconds']:.3f}" for x in runs[key])
+            print(f"{label:30s} {nbytes:13,d} {s:8.3f} {gbps:6.2f} {gbps / base:6.3f} {peak / MIB:7.0f} MiB "
+                  f"{nb:>7s}  {all_runs}")
+        print("-" * len(hdr))
+        print("ratio = GB/s / in-memory copy GB/s; peak extra = max over runs of (peak RssAnon, 10 ms samples) - "
+              "RssAnon before the run; memcpy's destination (1x the model) is allocated before it is timed; "
+              "'update_weights only' gets buckets built beforehand (their memory is not counted)")
+        print(f"sanity: greedy {len(before_ids)} tokens after the resyncs {'==' if ok_greedy else '!='} before "
+              f"({before_ids[:8]}...); update_weights tensor counts {sorted(set(counts))} "
+              f"(expected {expected_tensors}): {'PASS' if ok_greedy and ok_count else 'FAIL'}", flush=True)
+
+        slow = [mb for mb in args.bucket_mb if summary[f"resync{mb}"][1] < args.profile_below]
+        if slow and not args.no_profile:
+            print()
+            for mb in slow:
+                _, lines = profile_resync(engine, model, arch, mb * MIB, args.profile_top)
+                print("\n".join(lines), flush=True)
+            print("after profiling: greedy still equal:", greedy_ids() == before_ids)
+
+        parts = [f"memcpy {base:.2f} GB/s"]
+        for mb in args.bucket_mb:
+            g, r = summary[f"resync{mb}"]
+            peak = max(x["peak"] for x in runs[f"resync{mb}"])
+            gb, rb = summary[f"buckets{mb}"]
+            parts.append(f"resync@{mb}MiB {g:.2f} GB/s ({r:.3f}x, {best[f'resync{mb}']['seconds']:.2f} s, "
+                         f"peak +{peak / MIB:.0f} MiB; hf_buckets alone {gb:.2f} GB/s {rb:.2f}x)")
+        print(f"SUMMARY {hf_bytes / 1e6:.0f} MB fp32, {threads} torch threads: " + " | ".join(parts)
+              + f" | sanity {'PASS' if ok_greedy and ok_count else 'FAIL'} | total {time.perf_counter() - t_start:.0f} s")
+        if not (ok_greedy and ok_count):
+            sys.exit(1)
+    finally:
+        if engine is not None:
+            engine.shutdown()  # destroys the default process group: last
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
