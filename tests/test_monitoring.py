@@ -11,6 +11,7 @@ import pytest
 from megatron_vr1.monitoring import (
     SECTIONS,
     JsonlSink,
+    MetricsSink,
     MultiSink,
     NullSink,
     TensorBoardSink,
@@ -132,13 +133,13 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path):
 
 def test_make_sink_rank0_writes_other_ranks_do_not(tmp_path):
     other = make_sink(tmp_path / "r1", rank=1)
-    assert isinstance(other, NullSink)
+    assert isinstance(other, NullSink) and isinstance(other, MetricsSink)
     other.log({"train/kl": 1.0}, step=1)
     other.close()
     assert not (tmp_path / "r1").exists()
 
     sink = make_sink(tmp_path / "r0", rank=0)
-    assert isinstance(sink, MultiSink)
+    assert isinstance(sink, MultiSink) and isinstance(sink, MetricsSink)
     with pytest.warns(RuntimeWarning) as record:  # MultiSink warns once, not once per backend
         sink.log({"train/kl": math.nan}, step=1)
     assert len(record) == 1

@@ -28,7 +28,8 @@ from pathlib import Path
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("reward", ("reward/mean",)),
     ("accuracy", ("reward/accuracy", "eval/accuracy")),
-    ("response length (tokens)", ("rollout/len_mean", "rollout/len_p50", "rollout/len_p90", "rollout/len_max")),
+    ("response length (tokens)",
+     ("rollout/len_mean", "rollout/len_p50", "rollout/len_p90", "rollout/len_max")),
     ("truncation rate", ("rollout/truncation_rate",)),
     ("KL", ("train/kl",)),
     ("entropy", ("train/entropy",)),
@@ -72,12 +73,14 @@ def read_metrics(path: str | Path) -> dict[str, Series]:
         try:
             row = json.loads(line)
             step = int(row.pop("step"))
+            row = {key: float(value) for key, value in row.items()}
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             if i == len(lines):
                 continue
-            raise ValueError(f"{path}:{i} is not a metrics line ({{\"step\": N, \"section/name\": value, ...}})") from None
+            want = '{"step": N, "section/name": value, ...}'
+            raise ValueError(f"{path}:{i} is not a metrics line ({want})") from None
         for key, value in row.items():
-            by_key.setdefault(key, {})[step] = float(value)
+            by_key.setdefault(key, {})[step] = value
     return {key: (sorted(vals), [vals[s] for s in sorted(vals)]) for key, vals in by_key.items()}
 
 
@@ -130,12 +133,15 @@ def draw_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             values = [v if math.isfinite(v) else math.nan for v in values]
             marker = "o" if len(steps) < 30 else None
             ax.plot(steps, values, label=key, marker=marker, markersize=3, linewidth=1.4)
+        if stages:  # headroom above the curves for the stage labels
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo, hi + 0.14 * (hi - lo))
         for i, (step, label) in enumerate(stages):
             if i > 0 or step > min(series[keys[0]][0]):  # no line at the very start of the plot
                 ax.axvline(step, color="0.35", linestyle="--", linewidth=1)
             ax.annotate(
                 label, xy=(step, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
-                textcoords="offset points", ha="left", va="top", fontsize=7.5, color="0.25",
+                textcoords="offset points", ha="left", va="top", fontsize=8, color="0.25",
                 bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
             )
         ax.set_title(title, fontsize=11)

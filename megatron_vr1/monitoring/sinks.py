@@ -59,8 +59,9 @@ def check_key(key: str) -> None:
     if not sep or section not in SECTIONS or not _NAME_RE.fullmatch(name):
         why = f"section {section!r} is not allowed" if sep and section not in SECTIONS else "bad form"
         raise ValueError(
-            f"metric key {key!r} ({why}): keys must look like 'section/name' (letters, digits, '_', '.', '-', "
-            f"and '/' between parts) with section one of {', '.join(SECTIONS)}; e.g. 'train/kl', 'reward/mean'"
+            f"metric key {key!r} ({why}): keys must look like 'section/name' (letters, digits, '_', '.', "
+            f"'-', and '/' between parts) with section one of {', '.join(SECTIONS)}; "
+            "e.g. 'train/kl', 'reward/mean'"
         )
 
 
