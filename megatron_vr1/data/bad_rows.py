@@ -11,6 +11,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 MAX_EXAMPLES_PER_REASON = 5
 """Row indices (and the first detail) kept per reason for the summary line."""
@@ -29,7 +30,8 @@ class BadRow(Exception):
 class SkipReport:
     """What a loader kept and skipped in one file."""
 
-    path: Path
+    path: Path | str
+    """The file (or a name for what was processed)."""
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     """Skipped rows by reason."""
@@ -79,3 +81,14 @@ class SkipReport:
             f"{self.path}: all {self.num_skipped} {what} are bad, most often {reason!r} ({count} {what}){detail}; "
             f"fix the data or point the config at another file. {self.summary(what)}"
         )
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class LoadResult(Generic[T]):
+    """The good rows of a file and what was skipped."""
+
+    rows: list[T]
+    report: SkipReport

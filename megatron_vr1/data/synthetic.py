@@ -10,7 +10,7 @@ in reading order (row by row):
 `write_synthetic` writes, into one folder:
 
 * `rl_train.parquet`, `rl_val.parquet`, `rl_test.parquet`: the Vision-R1-rl (geometry3k) schema --
-  `images` (list of {"bytes": PNG, "path": None}, stored with the Hugging Face `List(Image())`
+  `images` (list of {"bytes": PNG, "path": None}, stored with the Hugging Face `Sequence(Image())`
   feature metadata so `datasets.load_dataset("parquet", ...)` decodes them to PIL images),
   `problem` ("<image>\\nHow many red shapes are there?"), `answer` ("0".."4");
 * `coldstart_sft.jsonl` (LLaVA-CoT cold-start format) with its PNGs under `images/`.
@@ -283,8 +283,10 @@ def write_synthetic(out_dir, n_train: int = 2000, n_val: int = 200, n_test: int 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_vr1.data.synthetic",
-                                     description="Write the tiny red-shape counting task (RL parquets + cold-start JSONL).")
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_vr1.data.synthetic",
+        description="Write the tiny red-shape counting task (RL parquets + cold-start JSONL).",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-val", type=int, default=200)
