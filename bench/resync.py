@@ -2,6 +2,8 @@
 
     python bench/resync.py [--mb 600] [--bucket-mb 64 256] [--repeats 3] [--no-profile] [--workdir DIR] [--keep]
 
+(50-85 s at the default size on 2 shared vCPUs; --mb 1500 gives 22 LM layers and takes about 2 min)
+
 What it does (one process, like the trainer: gloo world size 1, TP=PP=1, vLLM in-process):
 1. builds a synthetic Qwen2.5-VL-shaped HF checkpoint of about --mb MB in float32 (vLLM on CPU
    runs fp32): the tiny model's config.json structure and its tokenizer / processor / chat
@@ -9,7 +11,7 @@ What it does (one process, like the trainer: gloo world size 1, TP=PP=1, vLLM in
    (head_dim 128), ffn 2816, vocab 32000 (> the tokenizer's 320: padding rows), as many LM layers
    as it takes to reach the size; vision depth 2, hidden 1280, 16 heads, intermediate 3420 (the
    7B's width, padded to 3456 in Megatron), out_hidden 1024. Random N(0, 0.02) values, norms = 1.
-   The shape table and the shard writer's layout come from bench/convert.py; then `hf_to_mcore`.
+   The HF shape table (`_hub_shapes`) and the RssAnon sampler come from bench/convert.py; then `hf_to_mcore`.
 2. starts `VLLMEngine` (max_model_len 256, 32 MiB KV cache), builds the Megatron model and loads
    the converted checkpoint, then times, --repeats times each (interleaved; best and all runs):
      memcpy          `dst.copy_(src)` of every model parameter into preallocated tensors of the
@@ -21,10 +23,14 @@ What it does (one process, like the trainer: gloo world size 1, TP=PP=1, vLLM in
    the others: the HF tensors' bytes, i.e. without the Megatron vocab / vision-MLP padding).
    Peak extra memory: RssAnon sampled every 10 ms by a thread, minus RssAnon right before the
    run (after `malloc_trim`); for "update only" the prebuilt buckets are already counted before.
+   The progress lines also print what is still held after the run (+ malloc_trim): 0 = no leak.
 3. checks once: the engine's greedy output for a short text prompt after the resyncs equals its
    output before (same weights), and every `update_weights` returned the expected tensor count.
 4. prints the table and a SUMMARY line; if a resync is below 0.2x of memcpy (--profile-below),
-   profiles one resync per bucket size with cProfile and prints where the time goes.
+   profiles one resync per bucket size with cProfile and prints where the time goes (the .prof
+   files stay in the workdir with --keep, next to vllm.log), times the engine's non-finite check
+   against allocation-free alternatives, and re-times the resync with proposed changes applied as
+   bench-only monkeypatches (interleaved with the unpatched resync; the repo is not changed).
 
 vLLM's CPU worker replaces `torch.set_num_threads` with a no-op once it has bound its threads,
 so the thread count in effect for every phase is the one vLLM leaves (printed).
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import contextlib
 import ctypes
 import gc
 import json
@@ -158,7 +165,9 @@ def measure(fn) -> dict:
         extra = fn()
         seconds = time.perf_counter() - t0
     extra = {("inner_" + k if k in ("seconds", "peak") else k): v for k, v in (extra or {}).items()}
-    return dict(seconds=seconds, peak=(mem.peak - before) * 1024, **extra)
+    _trim()
+    kept = bench_convert._status_kib("RssAnon") - before  # still held after the run (+ malloc_trim)
+    return dict(seconds=seconds, peak=(mem.peak - before) * 1024, kept=kept * 1024, **extra)
 
 
 def _free_port() -> int:
@@ -184,6 +193,7 @@ PROFILE_ROWS = [
     ("          dispatch_cpu_unquantized_gemm", "layers/utils.py", "dispatch_cpu_unquantized_gemm"),
     ("        _copy_and_restore_kernel_tensors (copy back)", "reload/layerwise.py", "_copy_and_restore_kernel_tensors"),
     ("    finalize_layerwise_reload (every module, every call)", "reload/layerwise.py", "finalize_layerwise_reload"),
+    ("    logging (vLLM warnings/info, all callers)", "logging/__init__.py", "_log"),
     ("  reset_prefix_cache", "entrypoints/llm.py", "reset_prefix_cache"),
     ("  reset_encoder_cache", "", "reset_encoder_cache"),
     ("torch function mode (platform.cpu_device_mode)", "megatron_vr1/platform.py", "__torch_function__"),
@@ -195,31 +205,120 @@ PROFILE_ROWS = [
 ]
 
 
-def profile_resync(engine, model, arch, bucket_bytes: int, top: int) -> tuple[float, list[str]]:
+def validation_alternatives(model, arch) -> list[str]:
+    """Seconds to check every HF tensor of a resync for non-finite values, current way vs exact
+    allocation-free alternatives (torch.aminmax propagates NaN and +-inf)."""
+    from megatron_vr1.rollout.resync import hf_buckets
+
+    tensors = [t for b in hf_buckets(model, arch, bucket_bytes=1 << 40) for _, t in b]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    ways = {
+        "torch.isfinite(t).all() (now)": lambda t: bool(torch.isfinite(t).all()),
+        "torch.aminmax(t) -> isfinite(min), isfinite(max)": lambda t: all(bool(torch.isfinite(x)) for x in torch.aminmax(t)),
+        "torch.isfinite(t.sum()) (fast path; exact re-check if not finite)": lambda t: bool(torch.isfinite(t.sum())),
+    }
+    out = [f"non-finite check of all {len(tensors)} HF tensors ({nbytes / 1e6:.0f} MB), best of 3:"]
+    for label, fn in ways.items():
+        best = float("inf")
+        for _ in range(3):
+            _trim()
+            t0 = time.perf_counter()
+            assert all(fn(t) for t in tensors)
+            best = min(best, time.perf_counter() - t0)
+        out.append(f"    {label:66s} {best:6.3f} s  {nbytes / 1e9 / best:6.2f} GB/s")
+    del tensors
+    return out
+
+
+def what_if(engine, model, arch, bucket_mbs: list[int], repeats: int) -> list[str]:
+    """Best-of-`repeats` resync with two of the proposed changes applied as bench-only patches
+    (the repo's code is not changed): (1) the non-finite check via torch.aminmax, (2) plus no
+    gather copy at TP=1 (`_assemble` returns the local tensor when it is already the whole one),
+    (3) plus megatron_vr1.platform's global TorchFunctionMode popped around the resync."""
+    from megatron_vr1.rollout import resync as rs
+    from megatron_vr1.rollout.vllm_engine import VLLMEngine
+
+    orig_validate, orig_assemble = VLLMEngine._validate, rs._assemble
+
+    def validate_aminmax(self, bucket):
+        for name, t in bucket:
+            shape = self.hf_shapes.get(name)
+            if shape is None or tuple(t.shape) != tuple(shape):
+                return orig_validate(self, bucket)  # raises the usual error
+            lo, hi = torch.aminmax(t)  # one pass, no temporaries; NaN and +-inf propagate
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                raise ValueError(f"resync bucket: {name} has non-finite values")
+
+    def assemble_no_copy(p, local, topo, dtype):
+        if topo.tp_size == 1 and len(local) == 1:
+            off, data = local[0]
+            if not any(off) and tuple(data.shape) == tuple(p.shape) and data.dtype == dtype:
+                return data
+        return orig_assemble(p, local, topo, dtype)
+
+    variants = [("as is (baseline, interleaved)", False, False, False),
+                ("validate via torch.aminmax", True, False, False),
+                ("  + no gather copy at TP=1", True, True, False),
+                ("  + platform TorchFunctionMode off", True, True, True)]
+    runs = {(v[0], mb): [] for v in variants for mb in bucket_mbs}
+    try:
+        for _ in range(repeats):
+            for mb in bucket_mbs:
+                for label, v, a, nomode in variants:
+                    VLLMEngine._validate = validate_aminmax if v else orig_validate
+                    rs._assemble = assemble_no_copy if a else orig_assemble
+
+                    def go():
+                        with (torch.overrides._pop_mode_temporarily() if nomode else contextlib.nullcontext()):
+                            return vars(engine.update_weights(rs.hf_buckets(model, arch, bucket_bytes=mb * MIB)))
+                    runs[(label, mb)].append(measure(go))
+    finally:
+        VLLMEngine._validate, rs._assemble = orig_validate, orig_assemble
+    out = [f"what-if (bench-only patches of proposed changes; interleaved with the unpatched resync), best of {repeats}:"]
+    for mb in bucket_mbs:
+        for label, *_ in variants:
+            rr = runs[(label, mb)]
+            b = min(rr, key=lambda x: x["seconds"])
+            assert b["tensors"] == len(engine.hf_shapes)
+            peak = max(x["peak"] for x in rr)
+            all_runs = " ".join(f"{x['seconds']:.3f}" for x in rr)
+            out.append(f"    {label:36s} {mb:4d} MiB  {b['seconds']:6.3f} s  {b['bytes'] / 1e9 / b['seconds']:5.2f} GB/s"
+                       f"  peak +{peak / MIB:4.0f} MiB  runs {all_runs}")
+    return out
+
+
+def profile_resync(engine, model, arch, bucket_bytes: int, top: int, log_path: Path) -> tuple[float, list[str]]:
     from megatron_vr1.rollout.resync import hf_buckets
 
     _trim()
+    log_lines = len(log_path.read_text().splitlines())
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
     engine.update_weights(hf_buckets(model, arch, bucket_bytes=bucket_bytes))
     prof.disable()
     wall = time.perf_counter() - t0
+    for h in logging.getLogger("vllm").handlers:
+        h.flush()
+    log_lines = len(log_path.read_text().splitlines()) - log_lines
+    prof.dump_stats(str(log_path.parent / f"resync-{bucket_bytes // MIB}MiB.prof"))
     st = pstats.Stats(prof)
     total = max((v[3] for (f, _, n), v in st.stats.items() if n == "update_weights" and "vllm_engine" in f),
                 default=wall)
-    lines = [f"cProfile of one resync, bucket {bucket_bytes // MIB} MiB: {wall:.2f} s wall under the profiler"]
-    lines.append(f"    {'where':66s} {'calls':>7s} {'cum s':>7s} {'% resync':>8s}")
+    lines = [f"cProfile of one resync, bucket {bucket_bytes // MIB} MiB: {wall:.2f} s wall under the profiler; "
+             f"vLLM logged {log_lines} lines during it"]
+    lines.append(f"    {'where':66s} {'calls':>7s} {'cum s':>7s} {'% resync':>8s} {'own s':>7s}")
     for label, frag, name in PROFILE_ROWS:
-        calls = cum = 0.0
+        # same-named entries are nested wrappers (e.g. the VL model's and the tower's load_weights):
+        # the outermost one's cumulative time, every entry's calls and own time
+        calls = cum = own = 0.0
         found = False
         for (f, _, n), (cc, nc, tt, ct, callers) in st.stats.items():
             if n == name and frag in f:
                 found = True
-                calls += nc
-                cum = max(cum, ct) if name in ("update_weights", "hf_buckets") else cum + ct
+                calls, cum, own = calls + nc, max(cum, ct), own + tt
         if found:
-            lines.append(f"    {label:66s} {int(calls):7d} {cum:7.2f} {100 * cum / total:7.1f}%")
+            lines.append(f"    {label:66s} {int(calls):7d} {cum:7.2f} {100 * cum / total:7.1f}% {own:7.2f}")
     lines.append(f"    top {top} functions by own time (tottime):")
     rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
     for (f, ln, n), (cc, nc, tt, ct, callers) in rows:
@@ -248,6 +347,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the workdir")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # engine start-up logs off the table
 
     if args.workdir:
         work = Path(args.workdir)
@@ -284,12 +384,6 @@ def main() -> None:
         from megatron_vr1.rollout.resync import hf_buckets
         from megatron_vr1.rollout.vllm_engine import VLLMEngine
 
-        import vllm  # noqa: F401  (configures its logger)
-
-        vllm_log = open(work / "vllm.log", "w")  # vLLM logs to stdout: keep the table readable, same cost
-        for h in logging.getLogger("vllm").handlers:
-            if isinstance(h, logging.StreamHandler):
-                h.setStream(vllm_log)
         platform.setup()
         threads_before = torch.get_num_threads()
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -302,6 +396,13 @@ def main() -> None:
         t0 = time.perf_counter()
         engine = VLLMEngine(hf_dir, arch, max_model_len=256, kv_cache_bytes=32 * MIB)
         t_engine = time.perf_counter() - t0
+        # vLLM logs to stdout (configured when the engine starts): into a file, to keep the table
+        # readable; the records are still formatted and written, as in the trainer
+        vllm_log_path = work / "vllm.log"
+        vllm_log = open(vllm_log_path, "w")
+        for h in logging.getLogger("vllm").handlers:
+            if isinstance(h, logging.StreamHandler):
+                h.setStream(vllm_log)
         threads = torch.get_num_threads()
         t0 = time.perf_counter()
         model = build_model(arch, ModelOptions())
@@ -309,7 +410,7 @@ def main() -> None:
         t_model = time.perf_counter() - t0
         print(f"vLLM engine up in {t_engine:.1f} s; Megatron model built + loaded in {t_model:.1f} s; "
               f"torch threads {threads_before} before vLLM, {threads} in effect after "
-              f"(vLLM's CPU worker makes torch.set_num_threads a no-op); OMP_NUM_THREADS="
+              f"(vLLM's CPU worker makes torch.set_num_threads a no-op, so its own 'reduce to 1 for serving' does not apply either); OMP_NUM_THREADS="
               f"{os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
 
         greedy = SamplingSettings(n=1, max_tokens=16, temperature=0.0)
@@ -335,6 +436,14 @@ def main() -> None:
             del dst
             return r
 
+        def run_memcpy_fresh():
+            def go():
+                dst = [torch.empty_like(p) for p in params]
+                for d, s in zip(dst, params):
+                    d.copy_(s)
+                return dict(keep=len(dst))
+            return measure(go)
+
         def run_buckets(b):
             def go():
                 st = UpdateStats()
@@ -352,7 +461,8 @@ def main() -> None:
         def run_resync(b):
             return measure(lambda: vars(engine.update_weights(hf_buckets(model, arch, bucket_bytes=b))))
 
-        phases = [("memcpy", "in-memory copy (limit)", run_memcpy, None)]
+        phases = [("memcpy", "in-memory copy (limit)", run_memcpy, None),
+                  ("memcpy_fresh", "copy into fresh empty_like", run_memcpy_fresh, None)]
         for mb in args.bucket_mb:
             phases.append((f"buckets{mb}", f"hf_buckets only, {mb} MiB", run_buckets, mb * MIB))
         for mb in args.bucket_mb:
@@ -365,7 +475,8 @@ def main() -> None:
                 res = fn() if b is None else fn(b)
                 runs[key].append(res)
                 print(f"  run {r + 1}/{args.repeats} {label:30s} {res['seconds']:7.2f} s   "
-                      f"peak +{res['peak'] / MIB:6.0f} MiB", flush=True)
+                      f"peak +{res['peak'] / MIB:6.0f} MiB   kept after malloc_trim {res['kept'] / MIB:+5.0f} MiB",
+                      flush=True)
 
         after_ids = greedy_ids()
         counts = [x["tensors"] for k in runs if not k.startswith("memcpy") for x in runs[k]]
@@ -385,17 +496,18 @@ def main() -> None:
         summary = {}
         for key, label, _, b in phases:
             s = best[key]["seconds"]
-            nbytes = param_bytes if key == "memcpy" else best[key]["bytes"]
+            nbytes = param_bytes if key.startswith("memcpy") else best[key]["bytes"]
             gbps = nbytes / 1e9 / s
             summary[key] = (gbps, gbps / base)
             peak = max(x["peak"] for x in runs[key])
-            nb = "" if key == "memcpy" else str(best[key]["buckets"])
+            nb = "" if key.startswith("memcpy") else str(best[key]["buckets"])
             all_runs = " ".join(f"{x['seconds']:.3f}" for x in runs[key])
             print(f"{label:30s} {nbytes:13,d} {s:8.3f} {gbps:6.2f} {gbps / base:6.3f} {peak / MIB:7.0f} MiB "
                   f"{nb:>7s}  {all_runs}")
         print("-" * len(hdr))
         print("ratio = GB/s / in-memory copy GB/s; peak extra = max over runs of (peak RssAnon, 10 ms samples) - "
-              "RssAnon before the run; memcpy's destination (1x the model) is allocated before it is timed; "
+              "RssAnon before the run; the limit's destination (1x the model) is allocated and touched before it is "
+              "timed, 'fresh' allocates it inside (page faults included: what a resync that allocates pays); "
               "'update_weights only' gets buckets built beforehand (their memory is not counted)")
         print(f"sanity: greedy {len(before_ids)} tokens after the resyncs {'==' if ok_greedy else '!='} before "
               f"({before_ids[:8]}...); update_weights tensor counts {sorted(set(counts))} "
@@ -405,8 +517,10 @@ def main() -> None:
         if slow and not args.no_profile:
             print()
             for mb in slow:
-                _, lines = profile_resync(engine, model, arch, mb * MIB, args.profile_top)
+                _, lines = profile_resync(engine, model, arch, mb * MIB, args.profile_top, vllm_log_path)
                 print("\n".join(lines), flush=True)
+            print("\n".join(validation_alternatives(model, arch)), flush=True)
+            print("\n".join(what_if(engine, model, arch, args.bucket_mb, max(args.repeats, 3))), flush=True)
             print("after profiling: greedy still equal:", greedy_ids() == before_ids)
 
         parts = [f"memcpy {base:.2f} GB/s"]

@@ -66,6 +66,8 @@ class _Topology:
 
 def _assemble(p: TensorPlan, local: list, topo: _Topology, dtype: torch.dtype) -> torch.Tensor:
     """Full tensor of one layer of `p.key` from this TP group's pieces."""
+    if topo.tp_size == 1 and len(local) == 1 and tuple(local[0][1].shape) == tuple(p.shape):
+        return local[0][1]  # already whole: no copy (unpack copies out of it)
     full = torch.empty(p.shape, dtype=dtype)
     for offset, data in local:
         gathered = [data]
@@ -110,6 +112,7 @@ def hf_buckets(model, arch, bucket_bytes: int = 256 * 2**20, dtype: Optional[tor
                 dist.broadcast(t, src=topo.first_rank_of_stage[stage_of(p)])
             full[p.key] = t
         tensors = unpack(gplans, full, shapes)
+        del full  # free this group's gather buffers before the next group
         if dtype is not None:
             tensors = {n: t.to(dtype) for n, t in tensors.items()}
         n = sum(t.numel() * t.element_size() for t in tensors.values())
