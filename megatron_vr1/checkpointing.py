@@ -51,15 +51,21 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _sharded_state(model, optimizer, state: dict):
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _sharded_state(model, optimizer, state: dict, loading: bool = False, with_rng: bool = True):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
     model_sd = _unwrap(model).sharded_state_dict()  # keys without DDP's "module." prefix
-    sd = {"model": model_sd, "state": state,
-          "rng": ShardedObject("rng_state", _rng_state(), (world,), (_rank(),), replica_id=0)}
+    sd = {"model": model_sd, "state": dict(state, world_size=_world())}
+    if with_rng:
+        sd["rng"] = ShardedObject("rng_state", _rng_state(), (_world(),), (_rank(),), replica_id=0)
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        # is_loading: a fresh optimizer has no Adam state yet; without it the moments would
+        # silently restart on resume
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading)
     return sd
 
 
@@ -109,7 +115,14 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG states; returns the loop state."""
     from megatron.core import dist_checkpointing
 
-    sd = _sharded_state(model, optimizer, {})
+    common = dist_checkpointing.load_common_state_dict(str(Path(path) / MODEL_DIR))
+    state = dict(common.get("state", {}))
+    same_world = state.pop("world_size", None) == _world()
+    if not same_world:
+        import logging
+
+        logging.getLogger(__name__).warning("%s was saved with another world size: RNG states are not restored", path)
+    sd = _sharded_state(model, optimizer, {}, loading=True, with_rng=same_world)
     sd = {k: v for k, v in sd.items() if k != "state"}
     loaded = dist_checkpointing.load(sd, str(Path(path) / MODEL_DIR))
     missing, unexpected = _unwrap(model).load_state_dict(loaded["model"], strict=False)
@@ -118,6 +131,6 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
         raise RuntimeError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    _set_rng_state(loaded["rng"])
-    common = dist_checkpointing.load_common_state_dict(str(Path(path) / MODEL_DIR))
-    return common.get("state", {})
+    if same_world:
+        _set_rng_state(loaded["rng"])
+    return state

@@ -106,9 +106,9 @@ def test_tiny_recipe_loads():
     assert cfg.model.hf_path == REPO / "runs" / "tiny" / "hf"
     assert cfg.model.params_dtype == "float32"
     assert cfg.optim.lr == pytest.approx(2e-4)
-    assert [s.max_response_length for s in cfg.ptst.stages] == [48, 64, 96]
+    assert [s.max_response_length for s in cfg.ptst.stages] == [32, 48, 64]
     assert cfg.rollout.prompts_per_step % cfg.grpo.minibatch_prompts == 0
-    assert cfg.run_dir == Path.cwd() / "runs" / "tiny_cpu"
+    assert cfg.run_dir == REPO / "runs" / "tiny" / "rl"
 
 
 def test_defaults_follow_reference():
