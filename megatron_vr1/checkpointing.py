@@ -69,7 +69,8 @@ def _sharded_state(model, optimizer, state: dict, loading: bool = False, with_rn
     return sd
 
 
-def save_checkpoint(run_dir: Path, tag: str, model, optimizer, state: dict, hf_dir: Path) -> Path:
+def save_checkpoint(run_dir: Path, tag: str, model, optimizer, state: dict, hf_dir: Path,
+                    update_latest: bool = True) -> Path:
     """Save on all ranks together; returns the final folder."""
     from megatron.core import dist_checkpointing
 
@@ -94,9 +95,10 @@ def save_checkpoint(run_dir: Path, tag: str, model, optimizer, state: dict, hf_d
             shutil.rmtree(old)
         else:
             os.rename(tmp, final)
-        lt = root / f".{LATEST}.tmp"
-        lt.write_text(tag + "\n")
-        os.replace(lt, root / LATEST)
+        if update_latest:
+            lt = root / f".{LATEST}.tmp"
+            lt.write_text(tag + "\n")
+            os.replace(lt, root / LATEST)
     _barrier()
     return final
 

@@ -29,10 +29,9 @@ say "5/8 PTST GRPO (vLLM rollouts, resync every step)"
 $MV train configs/tiny_cpu.yaml run_dir="$RUN/rl" model.hf_path="$RUN/hf" \
   model.mcore_path="$RUN/sft/checkpoints/sft_final" data.train_path="$RUN/data/rl_train.parquet" \
   data.val_path="$RUN/data/rl_val.parquet" 2> "$RUN/rl.log"
-say "6/8 Megatron -> HF (cold start and final policy)"
+say "6/8 Megatron -> HF (cold start, and the PTST policy chosen on the validation split)"
 $MV convert mcore-to-hf --mcore "$RUN/sft/checkpoints/sft_final" --out "$RUN/hf_coldstart" --no-progress
-final=$(cat "$RUN/rl/checkpoints/latest")
-$MV convert mcore-to-hf --mcore "$RUN/rl/checkpoints/$final" --out "$RUN/hf_final" --no-progress
+$MV convert mcore-to-hf --mcore "$RUN/rl/checkpoints/best" --out "$RUN/hf_final" --no-progress
 say "7/8 held-out accuracy (greedy, HFRRF), cold start vs PTST"
 $PY -m megatron_vr1.quick_eval --hf "$RUN/hf_coldstart" --data "$RUN/data/rl_test.parquet" --json "$RUN/eval_coldstart.json" 2>/dev/null
 $PY -m megatron_vr1.quick_eval --hf "$RUN/hf_final" --data "$RUN/data/rl_test.parquet" --json "$RUN/eval_final.json" 2>/dev/null

@@ -29,6 +29,8 @@ class LoopState:
     step_in_stage: int = 0
     global_step: int = 0
     sampler: dict = field(default_factory=dict)
+    best_val: float = -1.0
+    """Best validation accuracy so far; its checkpoint is `checkpoints/best`."""
 
 
 @dataclass
@@ -165,9 +167,9 @@ def setup(cfg, arch, start_stage: int = 0) -> RLRun:
     run = RLRun(cfg, arch, run_dir, ddp, optimizer, ref, engine, load_processor(cfg.model.hf_path), sampler,
                 val_rows, sink, state)
     resync(run, full=True)  # the engine starts from the HF weights; the policy may be the cold-start checkpoint
-    if state.global_step == 0 and cfg.logging.val_interval:
+    if state.global_step == 0:  # the cold start is the first candidate for `best`
         stages = [s for s in cfg.ptst.stages if s.enabled]
-        evaluate(run, stages[min(state.stage, len(stages) - 1)].max_response_length)
+        maybe_eval(run, stages[min(state.stage, len(stages) - 1)])
     return run
 
 
@@ -289,9 +291,18 @@ def evaluate(run: RLRun, max_tokens: int) -> Optional[float]:
 
 
 def maybe_eval(run: RLRun, stage) -> None:
+    """Validation accuracy every `logging.val_interval` steps; the best policy is kept as
+    `checkpoints/best` (model selection on the validation split, never on the test set)."""
     n = run.cfg.logging.val_interval
-    if n and run.state.global_step % n == 0:
-        evaluate(run, stage.max_response_length)
+    if not (n and run.state.global_step % n == 0):
+        return
+    box = [evaluate(run, stage.max_response_length)]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    acc = box[0]
+    if acc is not None and acc > run.state.best_val:
+        run.state.best_val = acc
+        save(run, "best", update_latest=False)
 
 
 def set_lr(run: RLRun, lr: float) -> None:
@@ -299,11 +310,12 @@ def set_lr(run: RLRun, lr: float) -> None:
         group["lr"] = lr
 
 
-def save(run: RLRun, tag: str) -> None:
+def save(run: RLRun, tag: str, update_latest: bool = True) -> None:
     from megatron_vr1.checkpointing import save_checkpoint
 
     run.state.sampler = run.sampler.state_dict()
-    save_checkpoint(run.run_dir, tag, run.model, run.optimizer, vars(run.state).copy(), run.cfg.model.hf_path)
+    save_checkpoint(run.run_dir, tag, run.model, run.optimizer, vars(run.state).copy(), run.cfg.model.hf_path,
+                    update_latest=update_latest)
 
 
 def finish(run: RLRun) -> None:

@@ -30,6 +30,7 @@ def load_weights(model: Qwen25VLModel, ckpt: str | Path) -> None:
     sharded = {k: v for k, v in model.sharded_state_dict().items()
                if not (isinstance(v, ShardedObject) and k.endswith("_extra_state"))}
     state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    state = {k: v for k, v in state.items() if k in sharded}  # a trainer checkpoint's common state rides along
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
