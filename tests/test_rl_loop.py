@@ -16,7 +16,7 @@ def _train(tmp, hf, mcore, data, steps, *extra):
     cmd = [sys.executable, "-m", "megatron_vr1.cli", "train", str(REPO / "configs/tiny_cpu.yaml"),
            f"run_dir={tmp / 'rl'}", f"model.hf_path={hf}", f"model.mcore_path={mcore}",
            f"data.train_path={data / 'rl_train.parquet'}", f"data.val_path={data / 'rl_val.parquet'}",
-           "rollout.prompts_per_step=4", "grpo.minibatch_prompts=2", "parallel.micro_batch_size=8",
+           "rollout.prompts_per_step=4", "grpo.minibatch_prompts=2", "parallel.micro_batch_size=4",
            f"ptst.stages=[{{max_response_length: 24, group_size: 4, steps: {steps[0]}}}, "
            f"{{max_response_length: 32, group_size: 2, steps: {steps[1]}}}]",
            "checkpoint.save_interval=1", "logging.val_interval=2", *extra]
