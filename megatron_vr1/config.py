@@ -173,6 +173,8 @@ class GRPOConfig:
     """Prompts (each with its group of responses) per optimizer step."""
     epochs_per_rollout: int = 1
     """Passes over each rollout batch."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: weight each token by min(exp(old - engine logp), cap); null: off."""
 
     def __post_init__(self):
         _check_fields(self, "grpo")
@@ -185,6 +187,8 @@ class GRPOConfig:
         _at_least(self, "grpo", "entropy_coef", 0)
         _at_least(self, "grpo", "minibatch_prompts", 1)
         _at_least(self, "grpo", "epochs_per_rollout", 1)
+        if self.tis_cap is not None and self.tis_cap < 1:
+            raise ValueError(f"grpo.tis_cap ({self.tis_cap}) must be >= 1 (or null to turn it off)")
 
 
 @dataclass(kw_only=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_grpo_steps.json"
+GOLDEN_KEYS = ("reward/mean", "reward/accuracy", "rollout/len_mean", "rollout/len_max", "train/loss", "train/kl",
+               "train/grad_norm", "train/entropy", "ptst/stage")
 
 
 def _train(tmp, hf, mcore, data, steps, *extra):
@@ -42,10 +46,20 @@ def test_grpo_ptst_runs_logs_and_resumes(tiny_hf, tiny_mcore, tmp_path):
     for r in steps:
         assert r["mismatch/mult_prob_error"] < 1.05 and r["mismatch/max_abs"] < 1e-3  # trainer vs vLLM
         assert r["rollout/len_max"] <= (24 if r["ptst/stage"] == 0 else 32)
-        for key in ("reward/accuracy", "reward/format_rate", "rollout/truncation_rate", "train/grad_norm",
+        for key in ("reward/accuracy", "reward/format_rate", "train/entropy", "rollout/truncation_rate", "train/grad_norm",
                     "perf/rollout_s", "perf/resync_s", "perf/update_s", "perf/logprobs_s", "perf/tokens_per_s"):
             assert key in r, key
+    assert all(r["train/entropy"] > 0 for r in steps)
     assert any("eval/accuracy" in r for r in rows)
+    # golden per-step metrics (same seed, same numbers; MEGATRON_VR1_WRITE_GOLDEN=1 rewrites the file)
+    got = [{k: r[k] for k in GOLDEN_KEYS} for r in steps]
+    if os.environ.get("MEGATRON_VR1_WRITE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    for step, (g, w) in enumerate(zip(got, want), start=1):
+        for k in GOLDEN_KEYS:
+            assert g[k] == pytest.approx(w[k], rel=1e-3, abs=1e-6), (step, k, g[k], w[k])
     ckpts = tmp_path / "rl" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "stage1_end" and (ckpts / "best").is_dir()
     # resume from the end of stage 0 with a longer stage 1: it continues at global step 3

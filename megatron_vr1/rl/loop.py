@@ -242,7 +242,7 @@ def policy_updates(run: RLRun, batches, seq_len):
 
     g = run.cfg.grpo
     loss = LossSettings(clip_low=g.clip_low, clip_high=g.clip_high, kl_beta=g.kl_beta, agg=g.loss_agg,
-                        temperature=run.cfg.rollout.temperature)
+                        tis_cap=g.tis_cap, temperature=run.cfg.rollout.temperature)
     per_step = max(1, math.ceil(len(batches) * g.minibatch_prompts / max(1, run.cfg.rollout.prompts_per_step)))
     results = []
     for _ in range(g.epochs_per_rollout):
@@ -362,6 +362,7 @@ def log_step(run: RLRun, stage_index, stage, scored, batches, updates, t: Timer)
         "train/loss": float(np.mean([u.loss for u in updates])) if updates else 0.0,
         "train/kl": float(np.mean([u.kl for u in updates])) if updates else 0.0,
         "train/clip_frac": float(np.mean([u.clip_frac for u in updates])) if updates else 0.0,
+        "train/entropy": float(np.mean([u.entropy for u in updates])) if updates else 0.0,
         "train/grad_norm": float(np.mean([u.grad_norm for u in updates])) if updates else 0.0,
         "train/lr": float(run.optimizer.param_groups[0]["lr"]),
         "train/optimizer_steps": float(len(updates)),

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from megatron_vr1.models.qwen25_vl.model import VLInputs
-from megatron_vr1.rl.grpo import policy_loss, token_logprobs
+from megatron_vr1.rl.grpo import aggregate, entropy, policy_loss, token_logprobs
 
 
 @dataclass
@@ -51,6 +51,7 @@ class UpdateMetrics:
     clip_frac: float
     ratio_mean: float
     grad_norm: float
+    entropy: float
     extra: dict = field(default_factory=dict)
 
 
@@ -105,7 +106,10 @@ def policy_update(ddp_model, optimizer, micro_batches: list[PolicyMicroBatch], a
                             clip_high=loss.clip_high, kl_beta=loss.kl_beta, ref_logp_BT=mb.ref_logp_BT,
                             engine_logp_BT=mb.engine_logp_BT, tis_cap=loss.tis_cap, agg=loss.agg,
                             global_tokens=global_tokens, global_seqs=global_seqs)
-            stats = torch.stack([t.loss.detach(), t.pg_loss, t.kl, t.clip_frac, t.ratio_mean])
+            with torch.no_grad():  # logged, not optimised (entropy bonus 0, as in REFERENCE.md)
+                ent = aggregate(entropy(output[:, :-1].detach(), arch.text.vocab_size), mb.loss_mask_BT, loss.agg,
+                                global_tokens, global_seqs)
+            stats = torch.stack([t.loss.detach(), t.pg_loss, t.kl, t.clip_frac, t.ratio_mean, ent.to(t.kl.dtype)])
             return t.loss * scale, {"terms": stats}
 
         return logits, loss_func
@@ -120,7 +124,7 @@ def policy_update(ddp_model, optimizer, micro_batches: list[PolicyMicroBatch], a
     ok, grad_norm, _ = optimizer.step()
     if not ok:
         raise FloatingPointError("the optimizer step was skipped (non-finite gradients)")
-    terms = torch.zeros(5, dtype=torch.float64)
+    terms = torch.zeros(6, dtype=torch.float64)
     if ps.is_pipeline_last_stage():
         for d in out:
             terms += d["terms"].double()
@@ -129,5 +133,5 @@ def policy_update(ddp_model, optimizer, micro_batches: list[PolicyMicroBatch], a
         torch.distributed.all_reduce(terms, group=ps.get_data_parallel_group())
         if ps.get_pipeline_model_parallel_world_size() > 1:
             torch.distributed.all_reduce(terms, group=ps.get_pipeline_model_parallel_group())
-    loss_, pg, kl, clip, ratio = terms.tolist()
-    return UpdateMetrics(loss_, pg, kl, clip, ratio, float(grad_norm))
+    loss_, pg, kl, clip, ratio, ent = terms.tolist()
+    return UpdateMetrics(loss_, pg, kl, clip, ratio, float(grad_norm), ent)
