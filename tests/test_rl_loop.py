@@ -68,3 +68,6 @@ def test_grpo_ptst_runs_logs_and_resumes(tiny_hf, tiny_mcore, tmp_path):
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 3, 4, 5]
     assert [r["ptst/stage"] for r in steps[3:]] == [1, 1, 1]
+    # the resumed step 3 equals the uninterrupted run's step 3 (model, optimizer, RNG, data position)
+    for k in GOLDEN_KEYS + ("reward/format_rate", "train/clip_frac", "mismatch/mean_abs"):
+        assert steps[3][k] == pytest.approx(steps[2][k], rel=1e-6, abs=1e-9), k
