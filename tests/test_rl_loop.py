@@ -16,14 +16,18 @@ GOLDEN_KEYS = ("reward/mean", "reward/accuracy", "rollout/len_mean", "rollout/le
                "train/grad_norm", "train/entropy", "ptst/stage")
 
 
-def _train(tmp, hf, mcore, data, steps, *extra):
-    cmd = [sys.executable, "-m", "megatron_vr1.cli", "train", str(REPO / "configs/tiny_cpu.yaml"),
+def _train_cmd(tmp, hf, mcore, data, steps, *extra):
+    return [sys.executable, "-m", "megatron_vr1.cli", "train", str(REPO / "configs/tiny_cpu.yaml"),
            f"run_dir={tmp / 'rl'}", f"model.hf_path={hf}", f"model.mcore_path={mcore}",
            f"data.train_path={data / 'rl_train.parquet'}", f"data.val_path={data / 'rl_val.parquet'}",
            "rollout.prompts_per_step=4", "grpo.minibatch_prompts=2", "parallel.micro_batch_size=4",
            f"ptst.stages=[{{max_response_length: 24, group_size: 4, steps: {steps[0]}}}, "
            f"{{max_response_length: 32, group_size: 2, steps: {steps[1]}}}]",
            "checkpoint.save_interval=1", "logging.val_interval=2", *extra]
+
+
+def _train(tmp, hf, mcore, data, steps, *extra):
+    cmd = _train_cmd(tmp, hf, mcore, data, steps, *extra)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     return [json.loads(line) for line in (tmp / "rl" / "metrics.jsonl").read_text().splitlines()]
@@ -71,3 +75,35 @@ def test_grpo_ptst_runs_logs_and_resumes(tiny_hf, tiny_mcore, tmp_path):
     # the resumed step 3 equals the uninterrupted run's step 3 (model, optimizer, RNG, data position)
     for k in GOLDEN_KEYS + ("reward/format_rate", "train/clip_frac", "mismatch/mean_abs"):
         assert steps[3][k] == pytest.approx(steps[2][k], rel=1e-6, abs=1e-9), k
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_uninterrupted(tiny_hf, tiny_mcore, tmp_path):
+    """SIGKILL right after the first checkpoint lands, rerun: every step's metrics equal an
+    uninterrupted run with the same seed (the last logged value of each step counts)."""
+    import signal
+    import time
+
+    from megatron_vr1.data.synthetic import write_synthetic
+
+    data = tmp_path / "data"
+    write_synthetic(data, n_train=40, n_val=8, n_test=8, n_sft=8, seed=0)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    ref = _train(ref_dir, tiny_hf, tiny_mcore, data, (3, 1), "logging.val_interval=0")
+    proc = subprocess.Popen(_train_cmd(run_dir, tiny_hf, tiny_mcore, data, (3, 1), "logging.val_interval=0"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = run_dir / "rl" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text().strip().startswith("stage0_step")  # killed mid-stage
+    resumed = _train(run_dir, tiny_hf, tiny_mcore, data, (3, 1), "logging.val_interval=0")
+    last = {r["step"]: r for r in resumed if "reward/mean" in r}
+    want = {r["step"]: r for r in ref if "reward/mean" in r}
+    assert sorted(last) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        for k in GOLDEN_KEYS + ("reward/format_rate", "train/clip_frac"):
+            assert last[step][k] == pytest.approx(want[step][k], rel=1e-6, abs=1e-9), (step, k)
