@@ -138,44 +138,50 @@ def _hub_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return {to_scheme(n, "hub"): s for n, s in expected_hf_shapes(load_hf_arch(folder)).items()}
 
 
-def _nbytes(shape) -> int:
-    return torch.Size(shape).numel() * 2  # bf16
-
-
-def phase_build(dst: Path, gib: float, shard_mib: int, seed: int) -> dict:
+def write_synthetic_weights(dst: Path, config_for_layers, target_bytes: int, shard_mib: int, dtype: torch.dtype,
+                            init, min_shards: int = 1) -> dict:
+    """Fewest LM layers whose weights reach `target_bytes`, written as random safetensors shards of
+    about `shard_mib` each plus an index. `config_for_layers(n)` gives config.json for n layers;
+    `init(name, empty_tensor)` fills a tensor. Also used by bench/resync.py."""
     from safetensors.torch import save_file
 
-    dst.mkdir(parents=True, exist_ok=True)
-    target = int(gib * GIB)
+    def nbytes(shape) -> int:
+        return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
     layers = 1
     while True:  # fewest LM layers that reach the target size
-        (dst / "config.json").write_text(json.dumps(make_config(layers), indent=2) + "\n")
+        (dst / "config.json").write_text(json.dumps(config_for_layers(layers), indent=2) + "\n")
         shapes = _hub_shapes(dst)
-        total = sum(_nbytes(s) for s in shapes.values())
-        if total >= target:
+        total = sum(nbytes(s) for s in shapes.values())
+        if total >= target_bytes:
             break
         layers += 1
     shards, cur, cur_bytes = [], [], 0
     for name, shape in shapes.items():
-        if cur and cur_bytes + _nbytes(shape) > shard_mib * MIB:
+        if cur and cur_bytes + nbytes(shape) > shard_mib * MIB:
             shards.append(cur)
             cur, cur_bytes = [], 0
         cur.append(name)
-        cur_bytes += _nbytes(shape)
+        cur_bytes += nbytes(shape)
     shards.append(cur)
-    if len(shards) < 2:
-        raise SystemExit(f"--shard-mib {shard_mib} gives one shard for {total / GIB:.2f} GiB; use a smaller one")
-    gen = torch.Generator().manual_seed(seed)
+    if len(shards) < min_shards:
+        raise SystemExit(f"--shard-mib {shard_mib} gives {len(shards)} shard(s) for {total / GIB:.2f} GiB; use a smaller one")
     weight_map = {}
     for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: torch.empty(shapes[n], dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen) for n in names}
+        tensors = {n: init(n, torch.empty(shapes[n], dtype=dtype)) for n in names}
         save_file(tensors, dst / fname, metadata={"format": "pt"})
         del tensors
         weight_map.update({n: fname for n in names})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (dst / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     return dict(bytes=total, tensors=len(shapes), shards=len(shards), lm_layers=layers)
+
+
+def phase_build(dst: Path, gib: float, shard_mib: int, seed: int) -> dict:
+    dst.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    return write_synthetic_weights(dst, make_config, int(gib * GIB), shard_mib, torch.bfloat16,
+                                   lambda name, t: t.normal_(0.0, 0.02, generator=gen), min_shards=2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,8 +95,6 @@ def make_config(template: dict, num_layers: int) -> dict:
 
 
 def build_checkpoint(dst: Path, mb: float, shard_mib: int, seed: int) -> dict:
-    from safetensors.torch import save_file
-
     from megatron_vr1.tiny_model import build_tiny_model
 
     tiny = dst.parent / "tiny"
@@ -108,40 +106,14 @@ def build_checkpoint(dst: Path, mb: float, shard_mib: int, seed: int) -> dict:
     template = json.loads((tiny / "config.json").read_text())
     shutil.rmtree(tiny)
 
-    def nbytes(shape):
-        return torch.Size(shape).numel() * 4
-
-    target, layers = int(mb * 1e6), 1
-    while True:  # fewest LM layers that reach the target size
-        (dst / "config.json").write_text(json.dumps(make_config(template, layers), indent=2) + "\n")
-        shapes = bench_convert._hub_shapes(dst)
-        total = sum(nbytes(s) for s in shapes.values())
-        if total >= target:
-            break
-        layers += 1
-    shards, cur, cur_bytes = [], [], 0
-    for name, shape in shapes.items():
-        if cur and cur_bytes + nbytes(shape) > shard_mib * MIB:
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(name)
-        cur_bytes += nbytes(shape)
-    shards.append(cur)
     gen = torch.Generator().manual_seed(seed)
-    weight_map = {}
-    for i, names in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for n in names:
-            is_norm = n.endswith("norm.weight") or n.endswith("norm1.weight") or n.endswith("norm2.weight") \
-                or n.endswith("ln_q.weight")
-            t = torch.empty(shapes[n], dtype=torch.float32)
-            tensors[n] = t.fill_(1.0) if is_norm else t.normal_(0.0, 0.02, generator=gen)
-        save_file(tensors, dst / fname, metadata={"format": "pt"})
-        del tensors
-        weight_map.update({n: fname for n in names})
-    (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    return dict(bytes=total, tensors=len(shapes), shards=len(shards), lm_layers=layers)
+    norms = ("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")
+
+    def init(name, t):
+        return t.fill_(1.0) if name.endswith(norms) else t.normal_(0.0, 0.02, generator=gen)
+
+    return bench_convert.write_synthetic_weights(dst, lambda layers: make_config(template, layers), int(mb * 1e6),
+                                                 shard_mib, torch.float32, init)
 
 
 # --------------------------------------------------------------------------------------------
