@@ -71,6 +71,8 @@ class ParallelConfig:
     """Megatron sequence parallelism over the tensor-parallel group (needs tp > 1)."""
     micro_batch_size: int = 1
     """Sequences per micro-batch in the training forward/backward passes."""
+    recompute: bool = False
+    """Recompute every transformer layer's activations in the backward pass (less memory, ~1/3 more compute)."""
 
     def __post_init__(self):
         _check_fields(self, "parallel")
@@ -602,15 +604,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise FileNotFoundError(
             f"config file {path} not found; give the path of a recipe such as configs/tiny_cpu.yaml"
         )
-    try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of sections, got {_fmt(data)}")
-    raw = _merge(_defaults(Config), data)
+    raw = _merge(_defaults(Config), _read_recipe(path, ()))
     overridden = set()
     for item in overrides:
         overridden.add(_apply_override(raw, item))
@@ -619,6 +613,37 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     if cfg.run_dir is None:
         cfg.run_dir = cwd / "runs" / path.stem
     return cfg
+
+
+def _read_recipe(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The recipe's mapping, with `base: other.yaml` resolved: the base recipe's values first,
+    then this file's on top (sections merge key by key; lists such as ptst.stages replace).
+    A base lives in the same folder, so relative paths mean the same in both files."""
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections, got {_fmt(data)}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or "/" in base or "\\" in base:
+        raise ValueError(
+            f"{path}: base ({_fmt(base)}) must be the file name of a recipe in the same folder, "
+            "e.g. base: qwen25vl_7b_ptst.yaml"
+        )
+    base_path = path.parent / base
+    if base_path.resolve() in {p.resolve() for p in (*chain, path)}:
+        cycle = " -> ".join(p.name for p in (*chain, path, base_path))
+        raise ValueError(f"{path}: base recipes form a cycle ({cycle}); remove one base: line")
+    if not base_path.is_file():
+        raise FileNotFoundError(
+            f"{path}: base recipe {base_path} not found; base: names a file in {path.parent}"
+        )
+    return _merge(_read_recipe(base_path, (*chain, path)), data)
 
 
 def _defaults(cls) -> dict[str, Any]:

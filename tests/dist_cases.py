@@ -119,7 +119,7 @@ def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: 
     from megatron_vr1.models.qwen25_vl.io import load_weights, make_inputs
     from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
     from megatron_vr1.rl.forward import sequence_logprobs
-    from megatron_vr1.rl.grpo import token_logprobs
+    from megatron_vr1.rl.logprobs import tp_group, vocab_parallel_logprobs
     from megatron_vr1.rollout.engine import EngineWeightsInconsistent, RolloutPrompt, SamplingSettings
     from megatron_vr1.rollout.resync import hf_buckets
     from megatron_vr1.rollout.vllm_engine import VLLMEngine
@@ -127,7 +127,7 @@ def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: 
     _init_layout(tp, pp)
     arch = load_hf_arch(hf_dir)
     engine = VLLMEngine(hf_dir, arch, max_model_len=512, kv_cache_bytes=16 * 2**20)
-    model = build_model(arch, ModelOptions(tp=tp, pp=pp), parallel_output=False)
+    model = build_model(arch, ModelOptions(tp=tp, pp=pp))
     load_weights(model, mcore_dir)
     proc = load_processor(hf_dir)
 
@@ -176,7 +176,8 @@ def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: 
             logits = model_(next(data_iterator))
 
             def loss_fn(output):
-                lp = token_logprobs(output[:, :-1], ids[:, 1:], vocab_size=arch.text.vocab_size)
+                lp = vocab_parallel_logprobs(output[:, :-1], ids[:, 1:], vocab_size=arch.text.vocab_size,
+                                             group=tp_group())
                 loss = -lp[:, len(r.prompt_ids) - 1:].sum()
                 return loss, {"loss": loss.detach()}
 
@@ -283,7 +284,7 @@ def update_invariance(hf_dir: str, mcore_dir: str, layouts: list) -> dict:
     out = {}
     for tp, pp in layouts:
         _init_layout(tp, pp, seed=1234)
-        model = build_model(arch, ModelOptions(tp=tp, pp=pp), parallel_output=False)
+        model = build_model(arch, ModelOptions(tp=tp, pp=pp))
         load_weights(model, mcore_dir)
         mbs = []
         for k, x in enumerate(samples):
@@ -309,3 +310,39 @@ def update_invariance(hf_dir: str, mcore_dir: str, layouts: list) -> dict:
         out[f"tp{tp}pp{pp}"] = {"loss": m.loss, "kl": m.kl, "ratio_mean": m.ratio_mean, "clip_frac": m.clip_frac,
                                 "grad_norm": m.grad_norm, "after": after}
     return out
+
+
+def vocab_parallel_vs_full(vocab_size: int, padded: int, temperature: float) -> dict:
+    """Each rank holds its slice of the same random [B, T, padded] logits: the vocabulary-parallel
+    logprobs, their gradient and the entropy against the single-process functions on the full
+    logits (padded columns excluded)."""
+    import torch.distributed as dist
+
+    from megatron_vr1.rl.grpo import entropy, token_logprobs
+    from megatron_vr1.rl.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(3, 5, padded, generator=g) * 4
+    full[..., vocab_size:] = 50.0  # garbage in the padding must not leak into anything
+    targets = torch.randint(0, vocab_size, (3, 5), generator=g)
+    targets[0, 0] = vocab_size - 1  # the last real id: on the last rank, next to the padding
+    grad_out = torch.randn(3, 5, generator=g)
+    width = padded // world
+    local = full[..., rank * width:(rank + 1) * width].clone().requires_grad_(True)
+    lp = vocab_parallel_logprobs(local, targets, vocab_size, temperature, dist.group.WORLD)
+    (lp * grad_out).sum().backward()
+    ent = vocab_parallel_entropy(local.detach(), vocab_size, dist.group.WORLD)
+
+    ref_in = full.clone().requires_grad_(True)
+    ref = token_logprobs(ref_in, targets, vocab_size=vocab_size, temperature=temperature)
+    (ref * grad_out).sum().backward()
+    ref_grad = ref_in.grad[..., rank * width:(rank + 1) * width]
+    return {
+        "logp": float((lp - ref).abs().max()),
+        "grad": float((local.grad - ref_grad).abs().max()),
+        "grad_scale": float(ref_grad.abs().max()),
+        "padding_grad": float(local.grad[..., max(vocab_size - rank * width, 0):].abs().max()) if (rank + 1) * width > vocab_size else 0.0,
+        "entropy": float((ent - entropy(full, vocab_size)).abs().max()),
+        "finite": bool(torch.isfinite(lp).all() and torch.isfinite(ent).all()),
+    }

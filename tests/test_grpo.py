@@ -82,6 +82,20 @@ def test_logprobs_exclude_padded_vocab():
     assert entropy(logits, vocab_size=2).item() == pytest.approx(math.log(2))
 
 
+@pytest.mark.parametrize("world,vocab,padded,temperature", [(1, 300, 384, 1.0), (2, 300, 384, 0.7), (3, 250, 384, 1.0)])
+def test_vocab_parallel_logprobs_equal_full_softmax(world, vocab, padded, temperature):
+    """Logprobs, their gradient and the entropy from vocabulary slices (never gathered) equal the
+    full-vocabulary softmax; padded columns (filled with large values) get no mass and no gradient.
+    world=3 puts the vocabulary end inside the second rank's slice and the third slice all padding."""
+    from distributed import run_distributed
+
+    for r in run_distributed("vocab_parallel_vs_full", world, vocab_size=vocab, padded=padded,
+                             temperature=temperature):
+        assert r["finite"]
+        assert r["logp"] <= 1e-5 and r["entropy"] <= 1e-5, r
+        assert r["grad"] <= 1e-6 * max(1.0, r["grad_scale"]) and r["padding_grad"] == 0.0, r
+
+
 @pytest.mark.slow
 def test_grpo_step_replay_invariance_tp_pp(tiny_hf, tiny_mcore):
     """The same rollout batch at TP1 / TP2 / PP2 / TP2xPP2: same loss and grad norm (<= 1e-5), and

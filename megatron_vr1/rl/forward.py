@@ -1,8 +1,8 @@
 """The Megatron contract: `forward_step(data_iterator, model) -> (output, loss_func)` for
 megatron-core's `get_forward_backward_func()`, and per-token logprobs of given sequences.
 
-Logits come gathered over TP (`parallel_output=False` models); padded vocabulary entries are
-excluded before the softmax.
+Logits stay split over the vocabulary across TP ranks (`parallel_output=True` models, see
+rl/logprobs.py); padded vocabulary entries are excluded before the softmax.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_vr1.models.qwen25_vl.model import VLInputs
-from megatron_vr1.rl.grpo import token_logprobs
+from megatron_vr1.rl.logprobs import tp_group, vocab_parallel_logprobs
 
 
 def sequence_logprobs(model, arch, inp: VLInputs, temperature: float = 1.0,
@@ -26,12 +26,14 @@ def sequence_logprobs(model, arch, inp: VLInputs, temperature: float = 1.0,
 
     B, S = inp.input_ids_BS.shape
     targets = inp.input_ids_BS[:, 1:]
+    group = tp_group()
 
     def forward_step(data_iterator, model_):
         logits = model_(next(data_iterator))
 
         def collect(output, non_loss_data=False):
-            return token_logprobs(output[:, :-1], targets, vocab_size=arch.text.vocab_size, temperature=temperature)
+            return vocab_parallel_logprobs(output[:, :-1], targets, vocab_size=arch.text.vocab_size,
+                                           temperature=temperature, group=group)
 
         return logits, collect
 

@@ -132,13 +132,12 @@ def setup(cfg, arch, start_stage: int = 0) -> RLRun:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_resolved(run_dir)
-    opts = ModelOptions(tp=cfg.parallel.tp, pp=cfg.parallel.pp, params_dtype=getattr(torch, cfg.model.params_dtype),
-                        freeze_vision=cfg.model.freeze_vision)
-    model = build_model(arch, opts, parallel_output=False)
+    opts = ModelOptions.from_config(cfg)
+    model = build_model(arch, opts)
     load_weights(model, cfg.model.mcore_path)
     ref = None
     if cfg.grpo.kl_beta > 0:
-        ref = build_model(arch, opts, parallel_output=False)
+        ref = build_model(arch, opts)
         load_weights(ref, cfg.model.mcore_path)
         ref.eval()
         for p in ref.parameters():

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from megatron_vr1.models.qwen25_vl.model import VLInputs
-from megatron_vr1.rl.grpo import aggregate, entropy, policy_loss, token_logprobs
+from megatron_vr1.rl.grpo import aggregate, policy_loss
+from megatron_vr1.rl.logprobs import tp_group, vocab_parallel_entropy, vocab_parallel_logprobs
 
 
 @dataclass
@@ -93,6 +94,7 @@ def policy_update(ddp_model, optimizer, micro_batches: list[PolicyMicroBatch], a
     cfg.finalize_model_grads_func = finalize_model_grads
     n_mb = len(micro_batches)
     scale = n_mb * ps.get_data_parallel_world_size()
+    group = tp_group()  # logits stay split over the vocabulary (parallel_output models)
 
     def forward_step(data_iterator, model):
         mb: PolicyMicroBatch = next(data_iterator)
@@ -100,14 +102,15 @@ def policy_update(ddp_model, optimizer, micro_batches: list[PolicyMicroBatch], a
 
         def loss_func(output):
             targets = mb.inputs.input_ids_BS[:, 1:]
-            logp = token_logprobs(output[:, :-1], targets, vocab_size=arch.text.vocab_size,
-                                  temperature=loss.temperature)
+            logp = vocab_parallel_logprobs(output[:, :-1], targets, vocab_size=arch.text.vocab_size,
+                                           temperature=loss.temperature, group=group)
             t = policy_loss(logp, mb.old_logp_BT, mb.adv_B, mb.loss_mask_BT, clip_low=loss.clip_low,
                             clip_high=loss.clip_high, kl_beta=loss.kl_beta, ref_logp_BT=mb.ref_logp_BT,
                             engine_logp_BT=mb.engine_logp_BT, tis_cap=loss.tis_cap, agg=loss.agg,
                             global_tokens=global_tokens, global_seqs=global_seqs)
             with torch.no_grad():  # logged, not optimised (entropy bonus 0, as in REFERENCE.md)
-                ent = aggregate(entropy(output[:, :-1].detach(), arch.text.vocab_size), mb.loss_mask_BT, loss.agg,
+                ent = aggregate(vocab_parallel_entropy(output[:, :-1], arch.text.vocab_size, group),
+                                mb.loss_mask_BT, loss.agg,
                                 global_tokens, global_seqs)
             stats = torch.stack([t.loss.detach(), t.pg_loss, t.kl, t.clip_frac, t.ratio_mean, ent.to(t.kl.dtype)])
             return t.loss * scale, {"terms": stats}

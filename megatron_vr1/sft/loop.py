@@ -220,11 +220,12 @@ def sft_step(ddp_model, optimizer, mbs: list[PackedMicroBatch], arch, global_los
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_vr1.rl.grpo import token_logprobs
+    from megatron_vr1.rl.logprobs import tp_group, vocab_parallel_logprobs
 
     ddp_model.config.finalize_model_grads_func = finalize_model_grads
     scale = len(mbs) * ps.get_data_parallel_world_size()
     device = _device()
+    group = tp_group()  # logits stay split over the vocabulary (parallel_output model)
 
     def forward_step(data_iterator, model):
         mb: PackedMicroBatch = next(data_iterator)
@@ -233,7 +234,8 @@ def sft_step(ddp_model, optimizer, mbs: list[PackedMicroBatch], arch, global_los
         logits = model(inp)
 
         def loss_func(output):
-            logp = token_logprobs(output[:, :-1], inp.input_ids_BS[:, 1:], vocab_size=arch.text.vocab_size)
+            logp = vocab_parallel_logprobs(output[:, :-1], inp.input_ids_BS[:, 1:],
+                                           vocab_size=arch.text.vocab_size, group=group)
             nll = -(logp * mask).sum()
             return nll / global_loss_tokens * scale, {"nll": nll.detach().double()}
 
@@ -371,9 +373,8 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_resolved(run_dir)
 
-    opts = ModelOptions(tp=cfg.parallel.tp, pp=cfg.parallel.pp, params_dtype=getattr(torch, cfg.model.params_dtype),
-                        sequence_parallel=cfg.parallel.sequence_parallel, freeze_vision=cfg.model.freeze_vision)
-    model = build_model(arch, opts, parallel_output=False)
+    opts = ModelOptions.from_config(cfg)
+    model = build_model(arch, opts)
     if torch.cuda.is_available():
         model.cuda()
     ddp = wrap_ddp(model, model.config)

@@ -77,6 +77,15 @@ class ModelOptions:
     freeze_vision: bool = False
     """Freeze the vision tower and the merger (cold-start SFT default)."""
     recompute: bool = False
+    """Recompute each transformer layer's activations in the backward pass (full, uniform, 1 layer)."""
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelOptions":
+        """The options a recipe (megatron_vr1.config.Config) asks for: its parallel and model sections."""
+        return cls(tp=cfg.parallel.tp, pp=cfg.parallel.pp, params_dtype=getattr(torch, cfg.model.params_dtype),
+                   sequence_parallel=cfg.parallel.sequence_parallel, fp8=cfg.model.fp8,
+                   fp8_recipe=cfg.model.fp8_recipe, freeze_vision=cfg.model.freeze_vision,
+                   recompute=cfg.parallel.recompute)
 
 
 def _common_config(opts: ModelOptions) -> dict:
