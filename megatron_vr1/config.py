@@ -329,6 +329,68 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class SlurmConfig:
+    partition: str | None = None
+    """Slurm partition (sbatch --partition); null: the cluster's default partition."""
+    account: str | None = None
+    """Slurm account (sbatch --account); null: the user's default account."""
+    qos: str | None = None
+    """Slurm quality of service (sbatch --qos); null: the default."""
+    nodes: int = 8
+    """Nodes per training job (64 H800 GPUs in Vision-R1: 8 nodes x 8)."""
+    gpus_per_node: int = 8
+    """GPUs per node, one trainer process each (sbatch --gpus-per-node); 0 on a CPU partition."""
+    procs_per_node: int = 0
+    """Trainer processes per node (torchrun --nproc-per-node); 0: gpus_per_node."""
+    cpus_per_node: int = 0
+    """CPUs per node (srun --cpus-per-task of the one torchrun task); 0: the whole node (--exclusive)."""
+    mem: str = "0"
+    """Memory per node (sbatch --mem, e.g. 500G); "0": all of the node's memory."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU in GiB, for `megatron-vr1 plan` (H800/H100: 80)."""
+    time_limit: str = "24:00:00"
+    """Time limit of each job (sbatch --time); a stage that needs longer is requeued and resumes."""
+    signal_seconds: int = 600
+    """Ask for SIGUSR1 this many seconds before the time limit: save, requeue, resume."""
+    max_requeues: int = 20
+    """A job stops requeueing itself after this many restarts (SLURM_RESTART_COUNT)."""
+    container_image: str | None = None
+    """pyxis/enroot image (srun --container-image, e.g. nvcr.io#nvidia/pytorch:25.01-py3); null: none."""
+    container_mounts: str | None = None
+    """pyxis mounts (srun --container-mounts, e.g. /lustre:/lustre); null: none."""
+
+    def __post_init__(self):
+        _check_fields(self, "slurm")
+        _at_least(self, "slurm", "nodes", 1)
+        _at_least(self, "slurm", "gpus_per_node", 0)
+        _at_least(self, "slurm", "procs_per_node", 0)
+        _at_least(self, "slurm", "cpus_per_node", 0)
+        _positive(self, "slurm", "gpu_memory_gib")
+        _at_least(self, "slurm", "signal_seconds", 0)
+        _at_least(self, "slurm", "max_requeues", 0)
+        if self.gpus_per_node == 0 and self.procs_per_node == 0:
+            raise ValueError(
+                "slurm.gpus_per_node is 0 (a CPU partition): set slurm.procs_per_node to the trainer "
+                "processes per node, e.g. slurm.procs_per_node=2"
+            )
+        if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", self.time_limit):
+            raise ValueError(
+                f"slurm.time_limit ({self.time_limit!r}) must be a Slurm time such as 24:00:00, "
+                "2-00:00:00 or 90 (minutes)"
+            )
+
+    @property
+    def procs(self) -> int:
+        """Trainer processes per node."""
+        return self.procs_per_node or self.gpus_per_node
+
+    @property
+    def world_size(self) -> int:
+        """Trainer processes per job."""
+        return self.nodes * self.procs
+
+
+@dataclass(kw_only=True)
 class Config:
     run_dir: Path | None = None
     """Run folder (checkpoints, logs, config.yaml); resumes from its newest checkpoint. null: ./runs/<recipe>."""
@@ -354,6 +416,8 @@ class Config:
     """Saving checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics sinks."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """Cluster resources of `megatron-vr1 slurm submit` and `megatron-vr1 plan`."""
 
     def __post_init__(self):
         _check_fields(self, "")
