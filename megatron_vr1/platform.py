@@ -95,6 +95,12 @@ def setup() -> None:
         return name
 
     torch.Tensor.type = _type  # type: ignore[assignment]
+    # Activation recompute (parallel.recompute) saves and restores "the CUDA RNG state" around each
+    # recomputed layer so dropout masks repeat; on CPU that state is the CPU generator's.
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = lambda *a, clone=False, **k: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
     # Global: megatron-core builds `device="cuda"` tensors in many places (schedules, optimizer,
     # clip_grads, dist-checkpoint exchange). The mode stays on for the whole process.
     cpu_device_mode().__enter__()

@@ -282,9 +282,9 @@ def update_invariance(hf_dir: str, mcore_dir: str, layouts: list) -> dict:
     samples = [ps_["text"], ps_["one_image"]]
     S = max(x["input_ids"].shape[1] for x in samples) + 3
     out = {}
-    for tp, pp in layouts:
+    for tp, pp, *flags in layouts:  # [tp, pp] or [tp, pp, "recompute"]
         _init_layout(tp, pp, seed=1234)
-        model = build_model(arch, ModelOptions(tp=tp, pp=pp))
+        model = build_model(arch, ModelOptions(tp=tp, pp=pp, recompute="recompute" in flags))
         load_weights(model, mcore_dir)
         mbs = []
         for k, x in enumerate(samples):
@@ -307,7 +307,7 @@ def update_invariance(hf_dir: str, mcore_dir: str, layouts: list) -> dict:
         m = policy_update(ddp, opt, mbs, arch, LossSettings(clip_low=0.2, clip_high=0.2, kl_beta=0.01),
                           global_tokens=gt, global_seqs=2 * dp, seq_length=S)
         after = [float((sequence_logprobs(model, arch, mb.inputs) * mb.loss_mask_BT).sum()) for mb in mbs]
-        out[f"tp{tp}pp{pp}"] = {"loss": m.loss, "kl": m.kl, "ratio_mean": m.ratio_mean, "clip_frac": m.clip_frac,
+        out[f"tp{tp}pp{pp}" + "".join(f"_{f}" for f in flags)] = {"loss": m.loss, "kl": m.kl, "ratio_mean": m.ratio_mean, "clip_frac": m.clip_frac,
                                 "grad_norm": m.grad_norm, "after": after}
     return out
 

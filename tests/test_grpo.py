@@ -99,11 +99,12 @@ def test_vocab_parallel_logprobs_equal_full_softmax(world, vocab, padded, temper
 @pytest.mark.slow
 def test_grpo_step_replay_invariance_tp_pp(tiny_hf, tiny_mcore):
     """The same rollout batch at TP1 / TP2 / PP2 / TP2xPP2: same loss and grad norm (<= 1e-5), and
-    the first on-policy step has KL == 0, ratio == 1 and no clipping exactly."""
+    the first on-policy step has KL == 0, ratio == 1 and no clipping exactly. Full activation
+    recompute (parallel.recompute) gives the same step too."""
     from distributed import run_distributed
 
     res = run_distributed("update_invariance", 4, hf_dir=str(tiny_hf), mcore_dir=str(tiny_mcore),
-                          layouts=[[1, 1], [2, 1], [1, 2], [2, 2]])[0]
+                          layouts=[[1, 1], [2, 1], [1, 2], [2, 2], [2, 2, "recompute"]])[0]
     ref = res["tp1pp1"]
     assert ref["loss"] == pytest.approx(-(11 * 1.0 + 11 * -0.5) / 22, abs=1e-7)
     for layout, r in res.items():
