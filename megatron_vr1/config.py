@@ -390,6 +390,208 @@ class SlurmConfig:
         return self.nodes * self.procs
 
 
+_PSEUDO_COT_PROMPT = (
+    "Question: {question}\nThe correct answer is: {answer}\n"
+    "Look at the image and write a short step-by-step reasoning (chain of thought) that leads from the "
+    "image and the question to this answer."
+)
+_DESCRIPTION_PROMPT = (
+    "Question: {question}\nA reasoning about this image: {pseudo_cot}\n"
+    "Describe the image in detail: every object, number, label, relation and value that this reasoning "
+    "uses, so that someone who cannot see the image could answer the question from your description alone."
+)
+_REASONING_PROMPT = (
+    "An image is described as follows:\n{description}\n\nQuestion: {question}\n{answer_hint}"
+    "Think step by step, question your own steps and check them, then give the final answer. Write the "
+    "reasoning inside <think> </think> and the final answer alone inside <answer> </answer>."
+)
+_REWRITES = [
+    ("according to the description", "according to the image"),
+    ("based on the description", "based on the image"),
+    ("from the description", "from the image"),
+    ("in the description", "in the image"),
+    ("the description says", "the image shows"),
+    ("the description states", "the image shows"),
+    ("the description mentions", "the image shows"),
+    ("the description shows", "the image shows"),
+    ("as described", "as shown"),
+    ("described in the image", "shown in the image"),
+    ("the description", "the image"),
+]
+
+
+@dataclass(kw_only=True)
+class ColdStartModelConfig:
+    backend: Literal["vllm", "openai"] = "vllm"
+    """vllm: offline vLLM on local weights (path); openai: any OpenAI-compatible chat-completions endpoint (url)."""
+    path: Path | None = None
+    """vllm backend: HF model folder; null: model.hf_path."""
+    url: str | None = None
+    """openai backend: base URL, e.g. http://127.0.0.1:8000/v1 (requests go to <url>/chat/completions)."""
+    model_name: str | None = None
+    """openai backend: the requests' model field; null: the first model listed by <url>/models."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai backend: environment variable holding the API key (sent as a Bearer token when set)."""
+    max_tokens: int = 4096
+    """Longest response in tokens; a response cut at this length is filtered (truncated)."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy (reproducible, so a resumed run equals an uninterrupted one)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    structured_regex: str | None = None
+    """Constrain responses to this regex with vLLM structured outputs (vllm backend or a vLLM server); null: free text."""
+    concurrency: int = 8
+    """openai backend: requests in flight at once (a thread pool)."""
+    timeout_s: float = 600.0
+    """openai backend: seconds one request may take before it is retried."""
+    max_retries: int = 4
+    """openai backend: retries of a request (connection error, timeout, 408/409/429/5xx) before the row is failed."""
+    backoff_s: float = 1.0
+    """openai backend: delay before the first retry; doubles at each retry (capped at 60 s)."""
+    max_model_len: int = 8192
+    """vllm backend: context length (prompt + response) of the engine."""
+    kv_cache_gib: float = 1.0
+    """vllm backend on CPU: KV cache size in GiB (on GPU rollout.gpu_memory_utilization applies)."""
+
+    def __post_init__(self):
+        _check_fields(self, "coldstart.<model>")
+        _at_least(self, "coldstart.<model>", "max_tokens", 1)
+        _at_least(self, "coldstart.<model>", "temperature", 0)
+        _at_least(self, "coldstart.<model>", "concurrency", 1)
+        _at_least(self, "coldstart.<model>", "max_retries", 0)
+        _positive(self, "coldstart.<model>", "timeout_s")
+        _at_least(self, "coldstart.<model>", "backoff_s", 0)
+        _at_least(self, "coldstart.<model>", "max_model_len", 2)
+        _positive(self, "coldstart.<model>", "kv_cache_gib")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"coldstart.<model>.top_p ({self.top_p}) must be in (0, 1], e.g. 1.0")
+        if self.backend == "openai" and not (self.url or "").startswith(("http://", "https://")):
+            raise ValueError(
+                f"coldstart.<model>.url ({self.url!r}) must be an http(s) base URL for backend openai, "
+                "e.g. http://127.0.0.1:8000/v1"
+            )
+        if self.structured_regex is not None:
+            try:
+                re.compile(self.structured_regex)
+            except re.error as e:
+                raise ValueError(f"coldstart.<model>.structured_regex ({self.structured_regex!r}) is not a regex: {e}")
+
+
+@dataclass(kw_only=True)
+class OpenVLThinkerConfig:
+    iterations: int = 3
+    """SFT -> GRPO rounds; after each round but the last the RL model regenerates the SFT data."""
+    sft_recipe: Path | None = None
+    """Recipe of each round's SFT step (its run_dir, sft.data_path and model.mcore_path are set per round)."""
+    rl_recipe: Path | None = None
+    """Recipe of each round's GRPO step (its run_dir and model.mcore_path are set per round)."""
+    sft_from: Literal["base", "previous"] = "base"
+    """SFT of round i+1 starts from the SFT recipe's model.mcore_path (base) or round i's RL model (previous)."""
+    data_path: Path | None = None
+    """Rows (RL parquet) the RL model answers to regenerate the SFT data; null: coldstart.input_path."""
+    samples: int = 4
+    """Responses sampled per row when regenerating (k); the shortest correct one is kept."""
+    temperature: float = 1.0
+    """Sampling temperature when regenerating."""
+    top_p: float = 0.99
+    """Nucleus threshold when regenerating (OpenVLThinker: 0.99)."""
+    max_tokens: int = 4096
+    """Longest regenerated response in tokens."""
+    truncate_at: str | None = "Wait,"
+    """Cut the reasoning of a kept response before this reflection marker; null: keep it whole."""
+
+    def __post_init__(self):
+        _check_fields(self, "coldstart.loop")
+        _at_least(self, "coldstart.loop", "iterations", 1)
+        _at_least(self, "coldstart.loop", "samples", 1)
+        _at_least(self, "coldstart.loop", "temperature", 0)
+        _at_least(self, "coldstart.loop", "max_tokens", 1)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"coldstart.loop.top_p ({self.top_p}) must be in (0, 1], e.g. 0.99")
+        if self.truncate_at is not None and not self.truncate_at.strip():
+            raise ValueError("coldstart.loop.truncate_at is blank; give a marker such as 'Wait,' or null")
+
+
+@dataclass(kw_only=True)
+class ColdStartConfig:
+    input_path: Path | None = None
+    """Rows to bridge: an RL parquet (images, problem, answer); null: data.train_path."""
+    output_dir: Path | None = None
+    """Shards, images and the assembled SFT files; null: <run_dir>/coldstart."""
+    max_rows: int | None = None
+    """Use only the first this many rows of input_path; null: all."""
+    num_shards: int = 1
+    """Row i goes to shard i % num_shards; `coldstart CONFIG --shard K` runs one shard (one worker each)."""
+    chunk_rows: int = 32
+    """Rows sent through the three model calls together (also the most rows a crash can lose per worker)."""
+    mllm: ColdStartModelConfig = field(default_factory=ColdStartModelConfig)
+    """The multimodal model writing the pseudo-CoT and the description (Vision-R1: Qwen2.5-VL-72B)."""
+    reasoner: ColdStartModelConfig = field(default_factory=ColdStartModelConfig)
+    """The text reasoning model writing the CoT from the description (Vision-R1: DeepSeek-R1)."""
+    pseudo_cot_prompt: str = _PSEUDO_COT_PROMPT
+    """Step 1 (image + text to the MLLM); fields {question} {answer}; write literal braces as {{ }}."""
+    description_prompt: str = _DESCRIPTION_PROMPT
+    """Step 2 (image + text to the MLLM); fields {question} {answer} {pseudo_cot}."""
+    reasoning_prompt: str = _REASONING_PROMPT
+    """Step 3 (text only to the reasoner); fields {question} {description} {answer_hint} {answer}."""
+    answer_hint: str = "The correct answer is {answer}; reach it by your own reasoning. "
+    """Rendered into {answer_hint} when give_answer is true (field {answer}); else {answer_hint} is empty."""
+    give_answer: bool = True
+    """Show the reasoner the ground truth (the Vision-R1 authors do)."""
+    rewrite_phrases: list[tuple[str, str]] = field(default_factory=lambda: [tuple(r) for r in _REWRITES])
+    """[from, to] pairs replaced in the CoT (case-insensitive, longest first) so it reads as if it saw the image."""
+    forbidden_phrases: list[str] = field(default_factory=lambda: ["description", "described"])
+    """A CoT still holding one of these words after the rewrites is dropped (refers_to_description)."""
+    max_repeats: int = 3
+    """A CoT repeating one sentence more than this many times is dropped (repetitive)."""
+    formats: list[Literal["llava_cot", "mulberry", "messages"]] = field(default_factory=lambda: ["llava_cot", "messages"])
+    """Assembled outputs, <output_dir>/coldstart_<format>.jsonl; each is a `megatron-vr1 sft` input."""
+    loop: OpenVLThinkerConfig = field(default_factory=OpenVLThinkerConfig)
+    """The OpenVLThinker loop (`coldstart CONFIG --loop`): SFT -> GRPO -> regenerate, N rounds."""
+
+    def __post_init__(self):
+        _check_fields(self, "coldstart")
+        if self.max_rows is not None:
+            _at_least(self, "coldstart", "max_rows", 1)
+        _at_least(self, "coldstart", "num_shards", 1)
+        _at_least(self, "coldstart", "chunk_rows", 1)
+        _at_least(self, "coldstart", "max_repeats", 1)
+        if not self.formats:
+            raise ValueError("coldstart.formats is empty; give at least one of llava_cot, mulberry, messages")
+        for name, allowed in (
+            ("pseudo_cot_prompt", {"question", "answer"}),
+            ("description_prompt", {"question", "answer", "pseudo_cot"}),
+            ("reasoning_prompt", {"question", "description", "answer_hint", "answer"}),
+            ("answer_hint", {"answer"}),
+        ):
+            _check_template(f"coldstart.{name}", getattr(self, name), allowed)
+        for i, pair in enumerate(self.rewrite_phrases):
+            if not pair[0].strip():
+                raise ValueError(f"coldstart.rewrite_phrases[{i}] has an empty 'from' phrase; remove the pair")
+        for model in ("mllm", "reasoner"):
+            m = getattr(self, model)
+            if m.backend == "openai" and not m.url:
+                raise ValueError(f"coldstart.{model}.url is not set; backend openai needs e.g. http://127.0.0.1:8000/v1")
+
+
+def _check_template(key: str, text: str, allowed: set[str]) -> None:
+    """A str.format template uses only `allowed` fields, without indexing or conversions."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as e:
+        raise ValueError(f"{key}: {e} in {_fmt(text)}; write literal braces as {{{{ and }}}}") from None
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if name not in allowed or spec or conv:
+            raise ValueError(
+                f"{key} uses the field {{{name}}}, which is not one of {sorted(allowed)} "
+                f"(fields are {{name}}; write literal braces as {{{{ and }}}})"
+            )
+
+
 @dataclass(kw_only=True)
 class Config:
     run_dir: Path | None = None
@@ -416,6 +618,8 @@ class Config:
     """Saving checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics sinks."""
+    coldstart: ColdStartConfig = field(default_factory=ColdStartConfig)
+    """Cold-start data by modality bridging, and the OpenVLThinker loop (`megatron-vr1 coldstart`)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """Cluster resources of `megatron-vr1 slurm submit` and `megatron-vr1 plan`."""
 
