@@ -53,6 +53,9 @@ class RLRun:
 
 
 def train(cfg, arch, start_stage: int = 0) -> Path:
+    from megatron_vr1 import preemption
+
+    stop = preemption.install()  # SIGUSR1 (time limit) / SIGTERM: save after this step, exit for a requeue
     run = setup(cfg, arch, start_stage)
     stages = [s for s in cfg.ptst.stages if s.enabled]
     for stage_index in range(run.state.stage, len(stages)):
@@ -74,10 +77,18 @@ def train(cfg, arch, start_stage: int = 0) -> Path:
             run.state.global_step += 1
             log_step(run, stage_index, stage, scored, batches, update, t)
             maybe_eval(run, stage)
-            if run.state.step_in_stage % cfg.checkpoint.save_interval == 0 and run.state.step_in_stage < stage.steps:
+            stopping = stop.requested() and run.state.step_in_stage < stage.steps  # agreed by all ranks
+            if stopping or (run.state.step_in_stage % cfg.checkpoint.save_interval == 0
+                            and run.state.step_in_stage < stage.steps):
                 save(run, f"stage{stage_index}_step{run.state.step_in_stage:05d}")
+            if stopping:
+                finish(run)
+                preemption.exit_preempted()
         run.state.stage, run.state.step_in_stage = stage_index + 1, 0
         save(run, f"stage{stage_index}_end")
+        if stop.requested() and stage_index + 1 < len(stages):
+            finish(run)
+            preemption.exit_preempted()
     finish(run)
     return run.run_dir
 

@@ -347,8 +347,10 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
     from megatron_vr1.models.qwen25_vl.io import load_weights, model_checkpoint_dir
     from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
     from megatron_vr1.monitoring.sinks import make_sink
+    from megatron_vr1 import preemption
     from megatron_vr1.rl.update import build_optimizer, wrap_ddp
 
+    stop = preemption.install()  # SIGUSR1 (time limit) / SIGTERM: save after this step, exit for a requeue
     s, o = cfg.sft, cfg.optim
     if s.data_path is None:
         raise ValueError("sft.data_path is not set: a cold-start JSON/JSONL file (LLaVA-CoT, Mulberry or "
@@ -418,6 +420,7 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
 
     last_saved = step
     end = total if stop_after_step is None else min(total, stop_after_step)
+    stopped = False
     try:
         while step < end:
             step += 1
@@ -456,8 +459,14 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
                 save(step_tag(step))
                 last_saved = step
                 _prune(run_dir, cfg.checkpoint.keep_last)
+            if stop.requested() and step < total:  # agreed by all ranks
+                stopped = True
+                break
         if step < total:  # stopped early on request: leave a resumable checkpoint
-            return save(step_tag(step)) if last_saved != step else run_dir / "checkpoints" / step_tag(step)
+            ckpt = save(step_tag(step)) if last_saved != step else run_dir / "checkpoints" / step_tag(step)
+            if stopped:
+                preemption.exit_preempted()
+            return ckpt
         if last_saved != step or not (run_dir / "checkpoints" / step_tag(step)).exists():
             save(step_tag(step))
             _prune(run_dir, cfg.checkpoint.keep_last)
