@@ -27,6 +27,8 @@ from megatron_vr1.eval.scoring import extract_prediction, option_letter, parse_n
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "eval"
 ALL = "mathvista,mathverse,mmmath,mathvision,dynamath"
+MAX_LEN = 200
+"""--max-model-len of the end-to-end run: some fixture prompts do not fit (tested), most do."""
 
 
 def samples(bench: str) -> dict:
@@ -353,7 +355,7 @@ def test_tiny_model_end_to_end_from_a_megatron_checkpoint(tmp_path, tiny_mcore):
     t0 = time.perf_counter()
     proc = subprocess.run(
         [str(ROOT / ".venv/bin/megatron-vr1"), "eval", "--model", str(tiny_mcore), "--bench", ALL,
-         "--data", str(FIXTURES), "--out", str(out), "--max-new-tokens", "12", "--max-model-len", "256",
+         "--data", str(FIXTURES), "--out", str(out), "--max-new-tokens", "12", "--max-model-len", str(MAX_LEN),
          "--kv-cache-gib", "0.0625", "--retries", "1", "--seed", "3"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -364,27 +366,40 @@ def test_tiny_model_end_to_end_from_a_megatron_checkpoint(tmp_path, tiny_mcore):
                                                  "dynamath": 6}
     assert summary["settings"]["temperature"] == 0.6 and summary["settings"]["top_p"] == 0.95
     assert summary["model_size"] is None and summary["paper"] == {}
-    from megatron_vr1.eval.runner import Generation, score_records
+    from megatron_vr1.eval.runner import Generation, build_prompt, prompt_tokens, score_records
+    from megatron_vr1.hf_processor import load_processor
 
+    processor = load_processor(tiny_mcore / "hf")
+    too_long = 0
     for bench, s in by.items():
         records = [json.loads(x) for x in (out / f"{bench}.jsonl").read_text().splitlines()]
         assert len(records) == s["n"]
-        for r in records:
-            assert 1 <= r["response_tokens"] <= 12 and 1 <= r["first_response_tokens"] <= 12
+        loaded = load_benchmark(bench, FIXTURES)
+        for x, r in zip(loaded.samples, records):
+            estimate = prompt_tokens(build_prompt(x, processor, None), processor)
+            if r["finish_reason"] == "prompt_too_long":  # not sent to the engine
+                assert estimate >= MAX_LEN and r["response_tokens"] == 0 and not r["correct"]
+                too_long += 1
+                continue
+            # the engine's own prompt length (image tokens expanded) is what the pre-check computed
+            assert r["prompt_tokens"] == estimate < MAX_LEN
+            assert 1 <= r["response_tokens"] <= min(12, MAX_LEN - estimate)
+            assert 1 <= r["first_response_tokens"] <= 12
             # retried exactly when the first response had no </answer>
             assert r["attempts"] == (1 if "</answer>" in r["first_response"] else 2)
             assert r["finish_reason"] in ("stop", "length")
-        lengths = [r["response_tokens"] for r in records]
+        assert s["prompt_too_long"] == sum(r["finish_reason"] == "prompt_too_long" for r in records)
+        lengths = [r["response_tokens"] for r in records if r["finish_reason"] != "prompt_too_long"]
         assert s["length"]["max"] == max(lengths) and s["length"]["mean"] == pytest.approx(sum(lengths) / len(lengths))
         assert s["retried"] == sum(r["attempts"] == 2 for r in records)
         # the recorded verdicts are the rules applied to the recorded responses
-        loaded = load_benchmark(bench, FIXTURES)
         again = score_records(loaded, [Generation(r["response"], r["response_tokens"], r["finish_reason"],
                                                   r["attempts"], r["first_response"], r["first_response_tokens"])
                                        for r in records])
         assert [(a["correct"], a["correct_no_retry"]) for a in again] == [
             (r["correct"], r["correct_no_retry"]) for r in records]
         assert s["accuracy"] == pytest.approx(100 * sum(r["correct"] for r in records) / len(records))
+    assert 0 < too_long < sum(s["n"] for s in by.values())  # MathVista's long hints do not fit 200 tokens
     md = (out / "results.md").read_text()
     assert "No published numbers for this model size (hidden 128, 4 layers)" in md
     assert "| mathverse (Vision Only) | 1 |" in md

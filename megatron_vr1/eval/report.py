@@ -49,14 +49,18 @@ def _acc(records: list[dict], key: str) -> float:
 
 
 def summarize(bench: str, records: list[dict], files: list[str], skipped: dict) -> dict:
-    """Accuracy (with and without retry, judge), length statistics and per-category accuracy."""
+    """Accuracy (with and without retry, judge), length statistics (of the responses generated)
+    and per-category accuracy."""
+    sent = [r for r in records if r["finish_reason"] != "prompt_too_long"]
     out = {
         "bench": bench, "files": files, "n": len(records), "skipped": skipped,
         "accuracy": _acc(records, "correct"), "accuracy_no_retry": _acc(records, "correct_no_retry"),
         "retried": sum(r["attempts"] > 1 for r in records),
         "no_answer_tag": sum("</answer>" not in r["response"] for r in records),
-        "length": length_stats([r["response_tokens"] for r in records]),
-        "length_no_retry": length_stats([r["first_response_tokens"] for r in records]),
+        "prompt_too_long": sum(r["finish_reason"] == "prompt_too_long" for r in records),
+        "truncated": sum(r["finish_reason"] == "length" for r in records),
+        "length": length_stats([r["response_tokens"] for r in sent]),
+        "length_no_retry": length_stats([r["first_response_tokens"] for r in sent]),
     }
     judged = [r for r in records if r.get("judge")]
     if judged:
@@ -146,6 +150,8 @@ def markdown(summaries: list[dict], settings: dict, size: str | None, size_note:
             lines += ["", f"## {s['bench']} by {name}", "", f"| {name} | n | accuracy | no retry |", "|---|---|---|---|"]
             lines += [f"| {v} | {c['n']} | {_fmt(c['accuracy'])} | {_fmt(c['accuracy_no_retry'])} |"
                       for v, c in groups.items()]
+        if s["prompt_too_long"]:
+            lines += ["", f"{s['bench']}: {s['prompt_too_long']} prompt(s) did not fit --max-model-len (scored wrong)"]
         if s["skipped"]:
             lines += ["", f"{s['bench']}: rows left out (--skip-bad-rows): {s['skipped']}"]
     return "\n".join(lines) + "\n"

@@ -78,6 +78,8 @@ class Generation:
     attempts: int
     first_response: str
     first_tokens: int
+    prompt_tokens: int = 0
+    """Prompt length with the image tokens expanded (the engine's count; an estimate if not sent)."""
 
 
 # ----------------------------------------------------------------------------- checks
@@ -155,25 +157,60 @@ def build_prompt(sample: EvalSample, processor, system_prompt: str | None):
     return RolloutPrompt(text=text, images=[load_image(ref) for ref in sample.images])
 
 
-def generate_with_retry(engine, prompts: list, s: EvalSettings, seed: int) -> list[Generation]:
-    """One response per prompt; a response without `</answer>` is sampled again, up to `s.retries` times."""
+def prompt_tokens(prompt, processor) -> int | None:
+    """Tokens of a chat-templated prompt with each image's `<|image_pad|>` expanded, computed the
+    way the Qwen2.5-VL processor resizes images (None if the processor is not of that kind)."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        ip = processor.image_processor
+        factor = ip.patch_size * ip.merge_size
+        n = len(processor.tokenizer(prompt.text, add_special_tokens=False)["input_ids"])
+        for image in prompt.images:
+            h, w = smart_resize(image.height, image.width, factor=factor, min_pixels=ip.size["shortest_edge"],
+                                max_pixels=ip.size["longest_edge"])
+            n += (h // factor) * (w // factor) - 1
+        return n
+    except (AttributeError, KeyError, TypeError, ImportError, ValueError):
+        return None
+
+
+def generate_with_retry(engine, prompts: list, s: EvalSettings, seed: int, max_len: int,
+                        lengths: list[int | None]) -> list[Generation]:
+    """One response per prompt; a response without `</answer>` is sampled again, up to `s.retries` times.
+    A prompt with no room left under `max_len` is not sent (finish_reason "prompt_too_long")."""
     from megatron_vr1.rollout.engine import SamplingSettings
 
     def sampling(attempt: int) -> SamplingSettings:
         return SamplingSettings(n=1, max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                 seed=seed + 1000003 * attempt)
 
-    first = [g[0] for g in engine.generate(prompts, sampling(0))]
-    final, attempts = list(first), [1] * len(prompts)
+    sendable = [i for i, n in enumerate(lengths) if n is None or n < max_len]
+    out = [Generation("", 0, "prompt_too_long", 0, "", 0, n or 0) for n in lengths]
+    if len(sendable) < len(prompts):
+        logger.warning("%d prompt(s) of %d tokens or more do not fit --max-model-len %d; scored as wrong "
+                       "(raise --max-model-len)", len(prompts) - len(sendable), max_len, max_len)
+    if not sendable:
+        return out
+    try:
+        first = [g[0] for g in engine.generate([prompts[i] for i in sendable], sampling(0))]
+    except Exception as e:
+        if "maximum context length" in str(e):
+            raise ValueError(f"{e} (raise --max-model-len)") from None
+        raise
+    final, attempts = list(first), [1] * len(sendable)
     for attempt in range(1, s.retries + 1):
-        todo = [i for i, r in enumerate(final) if ANSWER_END not in r.response_text]
+        todo = [k for k, r in enumerate(final) if ANSWER_END not in r.response_text]
         if not todo:
             break
-        again = engine.generate([prompts[i] for i in todo], sampling(attempt))
-        for i, group in zip(todo, again):
-            final[i], attempts[i] = group[0], attempts[i] + 1
-    return [Generation(r.response_text, len(r.response_ids), r.finish_reason, a, f.response_text, len(f.response_ids))
-            for r, f, a in zip(final, first, attempts)]
+        again = engine.generate([prompts[sendable[k]] for k in todo], sampling(attempt))
+        for k, group in zip(todo, again):
+            final[k], attempts[k] = group[0], attempts[k] + 1
+    for k, i in enumerate(sendable):
+        r, f = final[k], first[k]
+        out[i] = Generation(r.response_text, len(r.response_ids), r.finish_reason, attempts[k], f.response_text,
+                            len(f.response_ids), len(r.prompt_ids))
+    return out
 
 
 def generate_all(hf_dir: Path, loaded: list[LoadedBenchmark], s: EvalSettings) -> dict[str, list[Generation]]:
@@ -202,7 +239,8 @@ def generate_all(hf_dir: Path, loaded: list[LoadedBenchmark], s: EvalSettings) -
             for start in range(0, len(b.samples), s.batch_size):
                 chunk = b.samples[start : start + s.batch_size]
                 prompts = [build_prompt(x, processor, s.system_prompt) for x in chunk]
-                gens += generate_with_retry(engine, prompts, s, seed=s.seed + start)
+                lengths = [prompt_tokens(p, processor) for p in prompts]
+                gens += generate_with_retry(engine, prompts, s, s.seed + start, max_len, lengths)
             logger.info("%s: %d responses in %.1f s", b.name, len(gens), time.perf_counter() - t0)
             out[b.name] = gens
     finally:
@@ -226,7 +264,8 @@ def load_responses(folder: Path, loaded: list[LoadedBenchmark]) -> dict[str, lis
                     by_id[str(r["id"])] = Generation(r["response"], int(r.get("response_tokens", 0)),
                                                      r.get("finish_reason", "stop"), int(r.get("attempts", 1)),
                                                      r.get("first_response", r["response"]),
-                                                     int(r.get("first_response_tokens", r.get("response_tokens", 0))))
+                                                     int(r.get("first_response_tokens", r.get("response_tokens", 0))),
+                                                     int(r.get("prompt_tokens", 0)))
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                     raise ValueError(f"{path}: line {n} is not a response record ({type(e).__name__}: {e}); "
                                      "it needs at least id and response") from None
@@ -250,7 +289,8 @@ def score_records(b: LoadedBenchmark, gens: list[Generation], checker=None) -> l
         records.append({
             "bench": x.bench, "id": x.id, "group": x.group, "categories": x.categories, "question": x.question,
             "prompt": x.prompt, "answer": x.answer, "kind": x.kind, "choices": x.choices,
-            "response": g.response, "response_tokens": g.tokens, "finish_reason": g.finish_reason,
+            "prompt_tokens": g.prompt_tokens, "response": g.response, "response_tokens": g.tokens,
+            "finish_reason": g.finish_reason,
             "attempts": g.attempts, "first_response": g.first_response, "first_response_tokens": g.first_tokens,
             "extracted": final.text, "extracted_by": final.method, "rule": verdict.rule,
             "correct": verdict.correct, "correct_no_retry": first_verdict.correct, "judge": None,
