@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "train": ("megatron_vr1.rl.cli", "GRPO with PTST stages"),
     "eval": ("megatron_vr1.eval.cli", "score a checkpoint on the math benchmarks"),
     "slurm": ("megatron_vr1.slurm.cli", "submit a recipe to Slurm as a chain of jobs"),
+    "plan": ("megatron_vr1.plan", "per-GPU memory estimate of a recipe; exit 2 with the fix when it does not fit"),
     "report": ("megatron_vr1.monitoring.report", "draw a run's curves into a PNG"),
 }
 
