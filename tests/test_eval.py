@@ -70,6 +70,22 @@ def test_loaders_read_each_published_schema():
     assert len(load_benchmark("mathvista", FIXTURES, limit=2).samples) == 2
 
 
+def test_hf_parquet_with_image_bytes_loads_like_the_json(tmp_path):
+    """MathVista as published on the Hugging Face hub: parquet with `decoded_image` cells {bytes, path}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = list(json.loads((FIXTURES / "mathvista/testmini.json").read_text()).values())
+    for r in rows:
+        r["decoded_image"] = {"bytes": (FIXTURES / "mathvista" / r["image"]).read_bytes(), "path": None}
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "testmini-00000-of-00001.parquet")
+    from_parquet = load_benchmark("mathvista", tmp_path).samples
+    from_json = load_benchmark("mathvista", FIXTURES).samples
+    assert [(x.id, x.answer, x.kind, x.prompt, x.categories) for x in from_parquet] == [
+        (x.id, x.answer, x.kind, x.prompt, x.categories) for x in from_json]
+    assert all(isinstance(x.images[0], bytes) for x in from_parquet)
+
+
 def test_parse_helpers():
     assert parse_choices("Is it? Choices: (A) yes (B) no") == ["yes", "no"]
     assert parse_choices("Find x.\nChoices:\nA:30°\nB:45°\nC:60°") == ["30°", "45°", "60°"]
@@ -117,6 +133,15 @@ def test_scoring_rules_on_fixture_rows():
     by_bench = {b: samples(b) for b in BENCHMARKS}
     got = [(b, i, p, score_sample(by_bench[b][i], p).correct) for b, i, p, _ in SCORING]
     assert got == SCORING
+
+
+def test_choice_text_that_starts_like_a_letter():
+    from megatron_vr1.eval.loaders import EvalSample
+
+    x = EvalSample("mathvista", "x", "<image>q", [], "A bird", "choice", "q", choices=["A cat", "A dog", "A bird"])
+    assert x.answer_letter == "C"
+    got = {p: score_sample(x, p).correct for p in ("A bird", "a bird.", "C", "(C) A bird", "A cat", "A")}
+    assert got == {"A bird": True, "a bird.": True, "C": True, "(C) A bird": True, "A cat": False, "A": False}
 
 
 def test_extraction_and_number_parsing():

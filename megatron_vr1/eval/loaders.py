@@ -478,7 +478,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                   ("testmini.jsonl", "data/testmini.jsonl", "test.jsonl", "data/test.jsonl", "testmini*.parquet",
                    "test*.parquet", "data/test*.parquet"), parse_mathvision),
         Benchmark("dynamath", "DynaMath", ("dynamath", "DynaMath"),
-                  ("sample_variant*.json", "sample_variant*.parquet", "*variant*.json"), parse_dynamath, all_files=True),
+                  ("sample_variant*.json", "sample_variant*.parquet", "data/sample_variant*.parquet",
+                   "*variant*.json"), parse_dynamath, all_files=True),
     )
 }
 

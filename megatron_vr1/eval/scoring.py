@@ -182,20 +182,21 @@ def option_letter(pred: str) -> tuple[str | None, str]:
 
 
 def score_choice(sample: EvalSample, pred: str, checker: SymbolicChecker | None = None) -> Verdict:
-    truth_letter = sample.answer_letter
-    letter, rest = option_letter(pred)
+    truth_letter, truth_text = sample.answer_letter, sample.answer_text
+    pred_n = _norm_text(pred)
+    # an option's exact text first (a choice such as "A cat" must not be read as letter A) ...
+    if truth_text is not None:
+        if pred_n == _norm_text(truth_text):
+            return Verdict(True, "choice_text")
+        if any(_norm_text(c) == pred_n for c in (sample.choices or []) if c != truth_text):
+            return Verdict(False, "choice_text")
+    # ... then an option letter ...
+    letter, _ = option_letter(pred)
     if letter is not None and truth_letter is not None:
         return Verdict(letter == truth_letter, "letter")
-    truth_text = sample.answer_text
     if truth_text is None:
         return Verdict(False, "letter")
-    # the prediction is an option's text: it must be the right option's and no other option's
-    pred_n = _norm_text(pred)
-    if pred_n == _norm_text(truth_text):
-        return Verdict(True, "choice_text")
-    matches_other = any(_norm_text(c) == pred_n for c in (sample.choices or []) if c != truth_text)
-    if matches_other:
-        return Verdict(False, "choice_text")
+    # ... then the right option's value in another form ("0.5" for "$\\frac{1}{2}$", "145" for "145°")
     a, b = parse_number(pred, sample.unit), parse_number(truth_text, sample.unit)
     if a is not None and b is not None:
         return Verdict(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9), "choice_text")
