@@ -8,13 +8,18 @@ benchmark (`DIR/mathvista/`, ... or the published folder names `MathVista`, `Mat
 
 Schemas (the fields read; others are ignored):
 
-| benchmark | file | fields |
-|---|---|---|
-| MathVista testmini | `testmini.json` (dict pid -> row), `.jsonl`, HF `testmini-*.parquet` | pid, question, image / decoded_image, choices, unit, precision, answer, question_type (multi_choice/free_form), answer_type (text/integer/float/list), query, metadata.task, metadata.skills |
-| MathVerse testmini | `testmini.json` (list) | sample_index, problem_version, question, image ("" for Text Only), answer, question_type (multi-choice/free-form), query_cot, metadata.subject |
-| MM-Math | `MM_Math.json(l)` / `mm_math.json(l)` | question, file_name, solution (answer in its last `\\boxed{}`) or answer, year, difficult, knowledge |
-| MathVision | `testmini.jsonl`, `test.jsonl` | id, question, options, image, answer, level, subject |
-| DynaMath | every `sample_variant*.json` (one per variant; dict qid -> row), or rows with qid/varid | question, image, answer / ground_truth, answer_type (multiple choice/float/text), subject, level / knowledge_level |
+- MathVista testmini: `testmini.json` (dict pid -> row), `.jsonl`, or HF `testmini-*.parquet`;
+  pid, question, image / decoded_image, choices, unit, precision, answer, question_type
+  (multi_choice / free_form), answer_type (text / integer / float / list), query, metadata.task,
+  metadata.skills.
+- MathVerse testmini: `testmini.json` (a list); sample_index, problem_version, question, image
+  ("" for Text Only), answer, question_type (multi-choice / free-form), query_cot, metadata.subject.
+- MM-Math: `MM_Math.json(l)` / `mm_math.json(l)`; question, file_name, solution (the answer is its
+  last `\\boxed{}`) or answer, year, difficult, knowledge.
+- MathVision: `testmini.jsonl` or `test.jsonl`; id, question, options, image, answer, level, subject.
+- DynaMath: every `sample_variant*.json` (one file per variant, dict qid -> row) or rows with
+  qid / varid; question, image, answer / ground_truth, answer_type (multiple choice / float /
+  text), subject, level / knowledge_level.
 
 Prompts (the papers' own query text where the benchmark publishes one): MathVista `query` (its
 hint + question + choices; rebuilt from the same template when absent), MathVerse `query_cot`,
@@ -122,7 +127,8 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
                 return [(str(i), row) for i, row in enumerate(data)]
             if isinstance(data, dict):
                 return [(str(k), row) for k, row in data.items()]
-            raise ValueError(f"{path}: expected a JSON list of rows or an object keyed by id, got {type(data).__name__}")
+            raise ValueError(
+                f"{path}: expected a JSON list of rows or an object keyed by id, got {type(data).__name__}")
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -239,7 +245,8 @@ def mathvista_query(question: str, question_type: str, answer_type: str, precisi
     if question_type == "multi_choice":
         hint = "Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end."
     elif answer_type == "integer":
-        hint = "Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, 3, at the end."
+        hint = ("Please answer the question requiring an integer answer and provide the final value, "
+                "e.g., 1, 2, 3, at the end.")
     elif answer_type == "float" and precision == 1:
         hint = ("Please answer the question requiring a floating-point number with one decimal place and provide "
                 "the final value, e.g., 1.2, 1.3, 1.4, at the end.")
@@ -421,7 +428,8 @@ def parse_dynamath(key: str, row: dict, base: Path, variant: str = "1") -> EvalS
     answer = _answer(row, "answer", "ground_truth")
     atype = str(row.get("answer_type", "")).strip().lower()
     if atype not in _DYNAMATH_TYPES:
-        raise BadRow("bad_answer_type", f"answer_type {row.get('answer_type')!r} is not one of {sorted(_DYNAMATH_TYPES)}")
+        raise BadRow("bad_answer_type",
+                     f"answer_type {row.get('answer_type')!r} is not one of {sorted(_DYNAMATH_TYPES)}")
     kind = _DYNAMATH_TYPES[atype]
     choices = parse_choices(question) if kind == "choice" else None
     if kind == "choice" and not (len(answer) == 1 and answer in LETTERS):
@@ -467,7 +475,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
         Benchmark("mathvista", "MathVista testmini", ("mathvista", "MathVista"),
-                  ("testmini.json", "testmini.jsonl", "data/testmini.json", "testmini*.parquet", "data/testmini*.parquet"),
+                  ("testmini.json", "testmini.jsonl", "data/testmini.json", "testmini*.parquet",
+                   "data/testmini*.parquet"),
                   parse_mathvista),
         Benchmark("mathverse", "MathVerse testmini", ("mathverse", "MathVerse"),
                   ("testmini.json", "testmini.jsonl"), parse_mathverse),

@@ -147,7 +147,8 @@ def markdown(summaries: list[dict], settings: dict, size: str | None, size_note:
                          " |" + " |" * (len(head) - 3))
     for s in summaries:
         for name, groups in s["categories"].items():
-            lines += ["", f"## {s['bench']} by {name}", "", f"| {name} | n | accuracy | no retry |", "|---|---|---|---|"]
+            lines += ["", f"## {s['bench']} by {name}", "", f"| {name} | n | accuracy | no retry |",
+                      "|---|---|---|---|"]
             lines += [f"| {v} | {c['n']} | {_fmt(c['accuracy'])} | {_fmt(c['accuracy_no_retry'])} |"
                       for v, c in groups.items()]
         if s["prompt_too_long"]:

@@ -99,7 +99,8 @@ def check_settings(s: EvalSettings) -> None:
     if s.paper_size is not None and s.paper_size not in ("3B", "7B", "32B", "72B"):
         raise ValueError(f"--paper-size {s.paper_size!r}: use 3B, 7B, 32B or 72B")
     if s.responses is None and s.model is None:
-        raise ValueError("--model is required (an HF folder or a megatron-vr1 checkpoint), unless --responses re-scores a run")
+        raise ValueError("--model is required (an HF folder or a megatron-vr1 checkpoint), "
+                         "unless --responses re-scores a run")
     if s.responses is not None and not s.responses.is_dir():
         raise FileNotFoundError(f"--responses {s.responses} is not a folder; pass the --out folder of an earlier run")
     if s.model is not None and s.responses is None:
@@ -310,7 +311,8 @@ def run_judge(s: EvalSettings, loaded: list[LoadedBenchmark], per_bench: dict[st
             r["judge"] = res.to_dict()
         failed = sum(res.status != "ok" for res in results)
         if failed:
-            logger.warning("%s: the judge failed on %d of %d samples (recorded as failed)", b.name, failed, len(results))
+            logger.warning("%s: the judge failed on %d of %d samples (recorded as failed)", b.name, failed,
+                           len(results))
 
 
 def run_eval(s: EvalSettings) -> dict:

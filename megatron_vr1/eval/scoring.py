@@ -152,7 +152,8 @@ def parse_number(text: str, unit: str | None = None, _depth: int = 0) -> float |
 class Verdict:
     correct: bool
     rule: str
-    """Which rule decided (for the records): letter, choice_text, integer, rounded, tolerance, list, text, symbolic, no_answer, ..."""
+    """Which rule decided (for the records): letter, choice_text, integer, rounded, tolerance, list,
+    text, symbolic, no_answer, ..."""
 
 
 def _norm_text(text: str) -> str:
