@@ -65,3 +65,29 @@ def single_rank():
     platform.model_parallel_seed(0)
     yield
     parallel_state.destroy_model_parallel()
+
+
+@pytest.fixture(scope="session")
+def tiny_cold_start(tiny_hf, tiny_mcore, tmp_path_factory) -> dict:
+    """The tiny model after a short cold-start SFT (one epoch, 63 steps, ~40 s): it writes the
+    `<think>..</think><answer>..</answer>` format and earns rewards, unlike the random model.
+    Returns {"data": synthetic data folder, "mcore": the sft_final checkpoint}."""
+    import os
+    import subprocess
+    import sys
+
+    from megatron_vr1.data.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("cold_start")
+    data = root / "data"
+    write_synthetic(data, n_train=40, n_val=8, n_test=8, n_sft=2000, seed=0)
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "megatron_vr1.cli", "sft", str(repo / "configs/tiny_cpu_sft.yaml"),
+           f"run_dir={root / 'sft'}", f"model.hf_path={tiny_hf}", f"model.mcore_path={tiny_mcore}",
+           f"sft.data_path={data / 'coldstart_sft.jsonl'}", f"sft.image_root={data}", "sft.epochs=1",
+           "checkpoint.save_interval=1000"]
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return {"data": data, "mcore": root / "sft" / "checkpoints" / "sft_final"}
