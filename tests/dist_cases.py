@@ -229,8 +229,9 @@ def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: 
     return out
 
 
-def engine_greedy_vs_transformers(hf_dir: str) -> dict:
-    """Greedy generation from the vLLM engine equals transformers' generate (same allowed tokens)."""
+def engine_greedy_vs_transformers(hf_dir: str, max_pixels: int | None = None) -> dict:
+    """Greedy generation from the vLLM engine equals transformers' generate (same allowed tokens),
+    both given the same image-size bound (data.max_pixels)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from checkpoints_conv.verify import _image
@@ -241,8 +242,8 @@ def engine_greedy_vs_transformers(hf_dir: str) -> dict:
 
     _init_layout(1, 1)
     arch = load_hf_arch(hf_dir)
-    engine = VLLMEngine(hf_dir, arch, max_model_len=512, kv_cache_bytes=16 * 2**20)
-    proc = load_processor(hf_dir)
+    engine = VLLMEngine(hf_dir, arch, max_model_len=512, kv_cache_bytes=16 * 2**20, max_pixels=max_pixels)
+    proc = load_processor(hf_dir, max_pixels=max_pixels)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
     banned = [i for i in range(arch.text.vocab_size) if i not in set(engine.allowed_token_ids)]
 
@@ -261,7 +262,9 @@ def engine_greedy_vs_transformers(hf_dir: str) -> dict:
             gen = hf.generate(**enc, do_sample=False, max_new_tokens=24, suppress_tokens=banned)
         ref = gen[0, enc["input_ids"].shape[1]:].tolist()
         ours = g[0].response_ids
-        out[f"prompt{k}"] = {"equal": ours == ref, "tokens": len(ours), "finish": g[0].finish_reason}
+        out[f"prompt{k}"] = {"equal": ours == ref, "tokens": len(ours), "finish": g[0].finish_reason,
+                             "same_prompt": g[0].prompt_ids == enc["input_ids"][0].tolist(),
+                             "image_tokens": g[0].prompt_ids.count(arch.image_token_id)}
     dist.barrier()
     engine.shutdown()
     return out

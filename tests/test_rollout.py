@@ -22,10 +22,13 @@ def test_logprob_mismatch_metrics():
 
 @pytest.mark.slow
 def test_engine_greedy_equals_transformers(tiny_hf):
-    res = run_distributed("engine_greedy_vs_transformers", 1, hf_dir=str(tiny_hf))[0]
+    """Text, one image, two images; data.max_pixels=12544 reaches both sides: the 112x112 images keep
+    their 16 tokens, the 168x112 one is downscaled to 84x112 (12 tokens instead of 24)."""
+    res = run_distributed("engine_greedy_vs_transformers", 1, hf_dir=str(tiny_hf), max_pixels=12544)[0]
     assert len(res) == 3
     for name, r in res.items():
-        assert r["equal"] and r["tokens"] > 0, (name, r)
+        assert r["equal"] and r["same_prompt"] and r["tokens"] > 0, (name, r)
+    assert [r["image_tokens"] for r in res.values()] == [0, 16, 16 + 12]
 
 
 @pytest.mark.slow

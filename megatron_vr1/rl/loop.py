@@ -172,9 +172,10 @@ def setup(cfg, arch, start_stage: int = 0) -> RLRun:
         kv = int(cfg.rollout.kv_cache_gib * 2**30) if cfg.rollout.kv_cache_gib else None
         engine = VLLMEngine(cfg.model.hf_path, arch, dtype=cfg.model.params_dtype, max_model_len=max_len,
                             kv_cache_bytes=kv, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                            seed=cfg.seed)
+                            seed=cfg.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     sink = make_sink(run_dir, wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode, rank=rank)
-    run = RLRun(cfg, arch, run_dir, ddp, optimizer, ref, engine, load_processor(cfg.model.hf_path), sampler,
+    run = RLRun(cfg, arch, run_dir, ddp, optimizer, ref, engine,
+                load_processor(cfg.model.hf_path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels), sampler,
                 val_rows, sink, state)
     resync(run, full=True)  # the engine starts from the HF weights; the policy may be the cold-start checkpoint
     if state.global_step == 0:  # the cold start is the first candidate for `best`

@@ -36,7 +36,8 @@ class VLLMEngine:
     def __init__(self, hf_dir: str | os.PathLike, arch, *, dtype: str = "float32", max_model_len: int = 2048,
                  kv_cache_bytes: Optional[int] = 64 * 2**20, gpu_memory_utilization: float = 0.5,
                  max_images_per_prompt: int = 4, seed: int = 0, tensor_parallel_size: int = 1,
-                 enable_sleep_mode: Optional[bool] = None):
+                 enable_sleep_mode: Optional[bool] = None, min_pixels: Optional[int] = None,
+                 max_pixels: Optional[int] = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
@@ -48,6 +49,10 @@ class VLLMEngine:
             limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
             tensor_parallel_size=tensor_parallel_size,
         )
+        from megatron_vr1.hf_processor import pixel_bounds
+
+        if pixel_bounds(min_pixels, max_pixels):  # must equal the trainer's processor (data.min/max_pixels)
+            kwargs["mm_processor_kwargs"] = pixel_bounds(min_pixels, max_pixels)
         if self.cuda:
             import torch.distributed as dist
 

@@ -400,7 +400,7 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
     else:
         load_weights(model, mcore)
 
-    processor = load_processor(cfg.model.hf_path)
+    processor = load_processor(cfg.model.hf_path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     pad_id = processor.tokenizer.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
     encode = _Encoder(rows, processor, s.max_length)
