@@ -103,6 +103,14 @@ def test_packed_row_equals_separate_examples(tiny_hf, tiny_mcore, sft_data, sing
     # the positions restart at 0 for every example
     starts = [0, examples[0].num_tokens, examples[0].num_tokens + examples[1].num_tokens]
     assert all(int(mb.inputs.position_ids_3BS[:, 0, s].abs().max()) == 0 for s in starts)
+    # without packing (attention that honours only the causal mask): one right-padded example a row
+    from megatron_vr1.sft.loop import micro_batches
+
+    (unpacked,) = micro_batches(examples, arch, 10_000, 3, pad, pack=False)
+    assert unpacked.inputs.input_ids_BS.shape == (3, max(e.num_tokens for e in examples))
+    assert [int(r.sum()) for r in unpacked.loss_mask_BT] == [sum(e.loss_mask[1:]) for e in examples]
+    torch.testing.assert_close(logp(unpacked.inputs)[unpacked.loss_mask_BT.bool()], torch.cat(separate),
+                               atol=1e-5, rtol=0)
 
 
 def test_micro_batch_split_gives_the_same_step(tiny_hf, tiny_mcore, sft_data, single_rank):

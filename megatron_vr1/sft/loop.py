@@ -164,10 +164,12 @@ def pack_rows(rows: Sequence[Sequence["SFTExample"]], arch, pad_id: int,  # noqa
 
 
 def micro_batches(examples: Sequence["SFTExample"], arch, max_length: int, micro_batch_size: int,  # noqa: F821
-                  pad_id: int, same_length: bool = False, multiple_of: int = 1) -> list[PackedMicroBatch]:
+                  pad_id: int, same_length: bool = False, multiple_of: int = 1,
+                  pack: bool = True) -> list[PackedMicroBatch]:
     """Pack `examples` into rows of <= max_length tokens, then group the rows `micro_batch_size`
     at a time. `same_length`: every micro-batch padded to the longest row and full-sized (padding
-    rows), as pipeline parallelism needs; lengths are rounded up to `multiple_of`."""
+    rows), as pipeline parallelism needs; lengths are rounded up to `multiple_of`. `pack=False`:
+    one example per row (for attention that honours only the causal mask)."""
     from megatron_vr1.data.sft_dataset import pack_examples
 
     def round_up(n: int) -> int:
@@ -175,7 +177,7 @@ def micro_batches(examples: Sequence["SFTExample"], arch, max_length: int, micro
 
     if not examples:  # nothing for this replica: one all-padding row keeps the collectives in step
         return [pack_rows([[]], arch, pad_id, seq_len=round_up(2))]
-    rows = pack_examples(examples, max_length)
+    rows = pack_examples(examples, max_length) if pack else [[e] for e in examples]
     groups = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
     longest = max(sum(e.num_tokens for e in r) for r in rows)
     out = []
@@ -379,6 +381,10 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
     model = build_model(arch, opts)
     if torch.cuda.is_available():
         model.cuda()
+    pack = not model.causal_mask_only
+    if not pack:
+        log.warning("Transformer Engine attention honours only the causal mask: one example per row "
+                    "(no sequence packing) until THD packing lands")
     ddp = wrap_ddp(model, model.config)
     optimizer = build_optimizer(ddp, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
                                 grad_clip=o.grad_clip)
@@ -432,7 +438,7 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
             examples = encode(mine)
             t_enc = time.perf_counter() - t0
             mbs = micro_batches(examples, arch, s.max_length, cfg.parallel.micro_batch_size, pad_id,
-                                same_length=pp > 1, multiple_of=multiple)
+                                same_length=pp > 1, multiple_of=multiple, pack=pack)
             counts = torch.tensor([sum(float(mb.loss_mask_BT.sum()) for mb in mbs), sum(mb.tokens for mb in mbs),
                                    len(examples), sum(mb.inputs.input_ids_BS.shape[0] for mb in mbs),
                                    sum(encode.skipped.values())], dtype=torch.float64, device=device)

@@ -302,6 +302,9 @@ class Qwen25VLModel(MegatronModule):
         if opts.fp8 and not use_te:
             raise ValueError(f"model.fp8={opts.fp8!r} needs Transformer Engine on a GPU; set model.fp8=null")
         self.arch = arch
+        # TE's fused attention applies the causal mask only and ignores an explicit one: right
+        # padding is still exact, but block-diagonal masks of packed rows are not honoured
+        self.causal_mask_only = use_te
         self.pre_process, self.post_process = pre_process, post_process
         self.vocab_size = arch.text.vocab_size
         self.image_token_id = arch.image_token_id
