@@ -86,7 +86,7 @@ def _dispatch(name: str, rest: list[str]) -> int:
     if module_name is None:  # the built-in `config`
         add_config_arguments(parser)
         args = _parse(parser, rest)
-        _print_config(args)
+        _print_config(args, rl=None)
         return 0
     module = _import_command(name, module_name)
     if not hasattr(module, "add_arguments") and hasattr(module, "main"):
@@ -95,13 +95,13 @@ def _dispatch(name: str, rest: list[str]) -> int:
     args = _parse(parser, rest)
     if hasattr(args, "dry_run") and hasattr(args, "overrides"):
         if args.dry_run:
-            _print_config(args)
+            _print_config(args, rl=_is_rl(name))
             return 0
         from megatron_vr1.config import load_config, load_hf_arch
 
         args.cfg = load_config(args.config, args.overrides)
         args.arch = load_hf_arch(args.cfg.model.hf_path)
-        args.cfg.validate_against(args.arch)
+        args.cfg.validate_against(args.arch, rl=_is_rl(name))
     return int(module.run(args) or 0)
 
 
@@ -131,13 +131,21 @@ def _import_command(name: str, module_name: str):
         ) from None
 
 
-def _print_config(args: argparse.Namespace) -> None:
-    """Prints the resolved YAML; checks it against the architecture when model.hf_path exists."""
+def _is_rl(command: str) -> bool:
+    """Whether a command runs RL (and so the PTST stages' lengths must fit the model)."""
+    return command not in ("sft", "coldstart")
+
+
+def _print_config(args: argparse.Namespace, rl: bool | None) -> None:
+    """Prints the resolved YAML; checks it against the architecture when model.hf_path exists.
+    rl=None (`config`): an SFT recipe (sft.data_path set, no data.train_path) skips the RL checks."""
     from megatron_vr1.config import load_config, load_hf_arch
 
     cfg = load_config(args.config, args.overrides)
+    if rl is None:
+        rl = not (cfg.sft.data_path is not None and cfg.data.train_path is None)
     if (Path(cfg.model.hf_path) / "config.json").is_file():
-        cfg.validate_against(load_hf_arch(cfg.model.hf_path))
+        cfg.validate_against(load_hf_arch(cfg.model.hf_path), rl=rl)
     else:
         print(
             f"note: {cfg.model.hf_path} has no config.json yet; checks against the architecture skipped",

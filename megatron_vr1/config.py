@@ -643,8 +643,9 @@ class Config:
                     f"({mbs}); change one of them"
                 )
 
-    def validate_against(self, arch: HFArch) -> None:
-        """Checks that need the architecture read from model.hf_path (call before building anything)."""
+    def validate_against(self, arch: HFArch, rl: bool = True) -> None:
+        """Checks that need the architecture read from model.hf_path (call before building anything).
+        `rl=False` (SFT, data generation) skips the PTST stage lengths, which only RL uses."""
         text, where = arch.text, f"model.hf_path={arch.path}"
         tp, pp = self.parallel.tp, self.parallel.pp
         ok_tp = _divisors(math.gcd(text.num_heads, text.num_kv_heads, text.ffn_hidden_size))
@@ -663,7 +664,7 @@ class Config:
                 f"parallel.pp ({pp}) must divide the number of layers ({text.num_layers}) of "
                 f"{where}; use pp in {_fmt_set(_divisors(text.num_layers))}"
             )
-        for i, stage in enumerate(self.ptst.stages):
+        for i, stage in enumerate(self.ptst.stages if rl else ()):
             total = self.data.max_prompt_length + stage.max_response_length
             if stage.enabled and total > text.max_position_embeddings:
                 raise ValueError(

@@ -290,6 +290,9 @@ def test_validate_against_arch(tmp_path):
         load_config(recipe, ["parallel.pp=3"]).validate_against(arch)
     with pytest.raises(ValueError, match=r"ptst.stages\[2\].max_response_length \(130000\) \+ data.max_prompt_length"):
         load_config(recipe, ["ptst.stages[2].enabled=true", "ptst.stages[2].max_response_length=130000"]).validate_against(arch)
+    # SFT and data generation do not use the PTST stages: not checked for them
+    load_config(recipe, ["ptst.stages[2].enabled=true", "ptst.stages[2].max_response_length=130000"]).validate_against(
+        arch, rl=False)
     assert load_config(recipe).parallel.dp(16) == 16
     with pytest.raises(ValueError, match=r"parallel.tp\*parallel.pp \(4\*1=4\) must divide the world size \(6\)"):
         load_config(recipe, ["parallel.tp=4"]).parallel.dp(6)
