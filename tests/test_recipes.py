@@ -45,6 +45,18 @@ def test_big_recipes_validate_against_their_architecture(recipe):
                                       for k in ("sft", "ptst", "long", "zero")}
 
 
+@pytest.mark.parametrize("recipe", BIG, ids=lambda p: p.name)
+def test_big_recipes_fit_80gb_gpus(recipe):
+    """`megatron-vr1 plan`'s estimate for each recipe on its default cluster (8 nodes of 8 x 80 GiB)."""
+    from megatron_vr1.plan import detect_mode, estimate, layout_from
+
+    arch_dir = _arch_dir(recipe)
+    cfg = load_config(recipe, [f"model.hf_path={arch_dir}"])
+    plan = estimate(cfg, load_hf_arch(arch_dir), layout_from(cfg), detect_mode(cfg))
+    assert plan.fits, (recipe.name, plan.problems)
+    assert max(plan.train_peak, plan.rollout_peak) <= 0.95 * plan.gpu_bytes
+
+
 def test_ptst_recipe_keeps_the_reference_values():
     cfg = load_config(CONFIGS / "qwen25vl_7b_ptst.yaml")
     stages = [(s.max_response_length, s.group_size, s.steps, s.enabled) for s in cfg.ptst.stages]
@@ -65,7 +77,7 @@ def test_baselines_inherit_and_override():
     assert "<think> </think> and <answer> </answer>" in zero.data.system_prompt
     assert zero.model.mcore_path == CONFIGS.parent / "checkpoints" / "qwen2.5-vl-7b"
     big = load_config(CONFIGS / "qwen25vl_72b_ptst.yaml")
-    assert (big.parallel.tp, big.parallel.pp) == (8, 2) and big.grpo == ptst.grpo
+    assert (big.parallel.tp, big.parallel.pp) == (8, 4) and big.grpo == ptst.grpo
 
 
 def test_base_errors_name_the_fix(tmp_path):
