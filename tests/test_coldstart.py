@@ -46,7 +46,7 @@ def _cli(*args, check=True, timeout=300):
     proc = subprocess.run([PY, "-m", "megatron_vr1.cli", *map(str, args)], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-20000:]}")
     return proc
 
 
