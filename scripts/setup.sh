@@ -10,7 +10,7 @@ VENV=${VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3.11}
 STAMP=$VENV/.megatron-vr1-setup
 # Bump when the pins below change: the stamp then no longer matches and set-up runs again.
-SETUP_VERSION=2
+SETUP_VERSION=3
 
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$SETUP_VERSION" ]]; then
   exit 0
@@ -46,5 +46,7 @@ pip_install --no-deps -e .
 "$VENV/bin/python" -c "import torchvision, megatron.core; from vllm import LLM" 2>/dev/null \
   || { echo "setup: the vLLM/torchvision/megatron-core imports fail in $VENV" >&2; exit 1; }
 
+# A local single-node Slurm (munge, slurmctld, slurmd) for tests/test_slurm.py; the test starts it again if down.
+[[ ${SETUP_SKIP_APT:-} == 1 ]] || bash scripts/setup_slurm.sh || echo "setup: the local Slurm cluster did not start (see above); tests/test_slurm.py will fail" >&2
 echo "$SETUP_VERSION" > "$STAMP"
 echo "setup: ok ($VENV)"

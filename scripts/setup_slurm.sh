@@ -53,7 +53,7 @@ fi
 
 # ---------------------------------------------------------------- config
 HOST=$(hostname -s)
-CPUS=$(nproc)
+CPUS=$(nproc --all)  # not nproc: it follows OMP_NUM_THREADS
 # RealMemory: what the machine has, minus 10 % (slurmd refuses a node that claims more than it has)
 MEM_MB=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
 mkdir -p "$DIR/etc" "$DIR/state" "$DIR/spool" "$DIR/log"

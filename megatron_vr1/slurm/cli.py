@@ -28,12 +28,6 @@ def main(argv: list[str]) -> int:
 
     s = sub.add_parser("submit", help="render the recipe's sbatch scripts and submit them as a chain")
     _recipe_args(s)
-    s.add_argument("--sft", type=Path, metavar="SFT_CONFIG", help="run this cold-start SFT recipe first")
-    s.add_argument("--convert", action="store_true",
-                   help="before the SFT: convert the SFT recipe's model.hf_path into its model.mcore_path")
-    s.add_argument("--eval-data", type=Path, metavar="DIR", help="after the last stage: megatron-vr1 eval of "
-                   "checkpoints/best on the benchmarks in DIR")
-    s.add_argument("--eval-bench", default="mathvista,mathverse,mmmath", help="benchmarks of the eval job")
     s.add_argument("--after", metavar="JOBID", help="start the chain after this job completed successfully")
     s.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
     s.add_argument("--wait", action="store_true", help="then poll until the chain ends (as `slurm status --wait`)")
@@ -63,6 +57,14 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help="PTST stages to run, numbered from 1: 2, 1-3 or 1,3 (default: the enabled ones)")
     p.add_argument("--partition", help="Slurm partition (overrides slurm.partition)")
     p.add_argument("--account", help="Slurm account (overrides slurm.account)")
+    p.add_argument("--sft", type=Path, metavar="SFT_CONFIG", help="run this cold-start SFT recipe first")
+    p.add_argument("--sft-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override of the SFT recipe (repeat it)")
+    p.add_argument("--convert", action="store_true",
+                   help="before the SFT: convert the SFT recipe's model.hf_path into its model.mcore_path")
+    p.add_argument("--eval-data", type=Path, metavar="DIR", help="after the last stage: megatron-vr1 eval of "
+                   "checkpoints/best on the benchmarks in DIR")
+    p.add_argument("--eval-bench", default="mathvista,mathverse,mmmath", help="benchmarks of the eval job")
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -89,18 +91,18 @@ def build_jobs(args) -> tuple["Config", list]:  # noqa: F821
     log_dir = run_dir / "slurm" / "logs"
     workdir = Path.cwd()
     jobs = []
-    sft_path = getattr(args, "sft", None)
-    if getattr(args, "convert", False) and sft_path is None:
+    sft_path = args.sft
+    if args.convert and sft_path is None:
         raise ValueError("--convert converts the SFT recipe's model: give --sft SFT_CONFIG too")
     if sft_path is not None:
-        sft_cfg = _load(sft_path, [], args)
+        sft_cfg = _load(sft_path, args.sft_override, args)
         kw = dict(prefix=prefix, log_dir=log_dir, workdir=workdir)
         if args.convert:
             jobs.append(render.convert_job(sft_cfg, sft_path, **kw))
-        jobs.append(render.sft_job(sft_cfg, sft_path, [], **kw))
+        jobs.append(render.sft_job(sft_cfg, sft_path, args.sft_override, **kw))
     selected = render.parse_stages(args.stages, cfg)
     jobs += render.ptst_jobs(cfg, args.config, overrides, selected, prefix=prefix, log_dir=log_dir, workdir=workdir)
-    if getattr(args, "eval_data", None) is not None:
+    if args.eval_data is not None:
         jobs.append(render.eval_job(cfg, args.config, data=args.eval_data, bench=args.eval_bench, prefix=prefix,
                                     log_dir=log_dir, workdir=workdir))
     return cfg, jobs
