@@ -34,9 +34,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from megatron_vr1.data.rl_dataset import IMAGE_PLACEHOLDER, placeholder_content
+
 log = logging.getLogger("megatron_vr1.coldstart")
 
-IMAGE_PLACEHOLDER = "<image>"
 MAX_BACKOFF_S = 60.0
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -75,13 +76,7 @@ def content_parts(text: str, n_images: int) -> list[dict]:
         text = IMAGE_PLACEHOLDER * n_images + text
     if text.count(IMAGE_PLACEHOLDER) != n_images:
         raise ValueError(f"the request text has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} for {n_images} images")
-    parts: list[dict] = []
-    for i, segment in enumerate(text.split(IMAGE_PLACEHOLDER)):
-        if i:
-            parts.append({"type": "image"})
-        if segment:
-            parts.append({"type": "text", "text": segment})
-    return parts
+    return placeholder_content(text)
 
 
 def _messages(req: ChatRequest) -> list[dict]:

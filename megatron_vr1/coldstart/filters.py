@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_vr1.rewards import answers_match, check_format, extract_answer
+from megatron_vr1.rewards.answer import last_boxed
 
 _BOXED = "\\boxed"
 _CONCLUSION_RE = re.compile(
@@ -50,24 +51,6 @@ class Verdict:
     """The extracted answer, if any."""
 
 
-def last_boxed(text: str) -> Optional[str]:
-    """Content of the last `\\boxed{...}` with balanced braces, or None."""
-    start = text.rfind(_BOXED)
-    while start >= 0:
-        i = start + len(_BOXED)
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                if text[j] == "{":
-                    depth += 1
-                elif text[j] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1 : j].strip()
-        start = text.rfind(_BOXED, 0, start)
-    return None
 
 
 def to_think_answer(raw: str) -> str:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_vr1.data.bad_rows import BadRow
+from megatron_vr1.rewards.answer import last_boxed
 
 IMAGE = "<image>"
 """Placeholder for one image in `EvalSample.prompt` (as in the RL data)."""
@@ -337,24 +338,6 @@ def parse_mathverse(key: str, row: dict, base: Path) -> EvalSample:
 # ----------------------------------------------------------------------------- MM-Math
 
 
-def last_boxed(text: str) -> str | None:
-    """The content of the last balanced `\\boxed{...}` in `text`."""
-    start = text.rfind("\\boxed")
-    while start >= 0:
-        i = start + len("\\boxed")
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                if text[j] == "{":
-                    depth += 1
-                elif text[j] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1 : j].strip()
-        start = text.rfind("\\boxed", 0, start)
-    return None
 
 
 MMMATH_TOLERANCE = 1e-2

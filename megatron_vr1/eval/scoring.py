@@ -27,8 +27,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from megatron_vr1.eval.loaders import LETTERS, EvalSample, last_boxed
-from megatron_vr1.rewards.answer import SymbolicChecker, answers_match, extract_answer
+from megatron_vr1.eval.loaders import LETTERS, EvalSample
+from megatron_vr1.rewards.answer import SymbolicChecker, answers_match, brace_group, extract_answer, last_boxed
 
 # ----------------------------------------------------------------------------- extraction
 
@@ -84,10 +84,6 @@ def strip_units(text: str, unit: str | None = None) -> str:
     return text
 
 
-def _braced(text: str, i: int) -> tuple[str, int] | None:
-    """(content, index after the closing brace) of the `{...}` group starting at text[i]."""
-    if i >= len(text) or text[i] != "{":
-        return None
     depth = 0
     for j in range(i, len(text)):
         if text[j] == "{":
@@ -123,8 +119,8 @@ def parse_number(text: str, unit: str | None = None, _depth: int = 0) -> float |
         inner = parse_number(body[1:-1], None, _depth + 1)
         return None if inner is None else sign * inner
     if body.startswith("\\frac"):
-        num = _braced(body, len("\\frac"))
-        den = _braced(body, num[1]) if num else None
+        num = brace_group(body, len("\\frac"))
+        den = brace_group(body, num[1]) if num else None
         if num and den and den[1] == len(body):
             a, b = parse_number(num[0], None, _depth + 1), parse_number(den[0], None, _depth + 1)
             if a is not None and b:

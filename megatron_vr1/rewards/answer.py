@@ -78,29 +78,53 @@ def _unwrap(text: str) -> str:
     return text
 
 
-def _unbox(text: str) -> str:
-    """The content of the only `\\boxed{...}` in `text`, or `text` if there is not exactly one."""
-    if text.count("\\boxed") != 1:
-        return text
-    i = text.index("\\boxed") + len("\\boxed")
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i == len(text) or text[i] != "{":
-        return text
-    depth, start = 0, i + 1
-    while i < len(text):
-        char = text[i]
-        if char == "\\":  # \{ and \} are literal braces
-            i += 2
+def brace_group(text: str, i: int) -> tuple[str, int] | None:
+    """(content, index after the closing brace) of the balanced `{...}` group that starts at
+    text[i]; `\\{` and `\\}` are literal braces. None when text[i] is not `{` or it never closes."""
+    if i >= len(text) or text[i] != "{":
+        return None
+    depth, j = 0, i
+    while j < len(text):
+        char = text[j]
+        if char == "\\":
+            j += 2
             continue
         if char == "{":
             depth += 1
         elif char == "}":
             depth -= 1
             if depth == 0:
-                return text[start:i].strip()
+                return text[i + 1:j], j + 1
+        j += 1
+    return None
+
+
+def _boxed_at(text: str, start: int) -> str | None:
+    """The stripped content of the `\\boxed{...}` whose backslash is at text[start]."""
+    i = start + len("\\boxed")
+    while i < len(text) and text[i] == " ":
         i += 1
-    return text  # unbalanced
+    group = brace_group(text, i)
+    return group[0].strip() if group else None
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last balanced `\\boxed{...}` in `text` (None when there is none)."""
+    start = text.rfind("\\boxed")
+    while start >= 0:
+        content = _boxed_at(text, start)
+        if content is not None:
+            return content
+        start = text.rfind("\\boxed", 0, start)
+    return None
+
+
+def _unbox(text: str) -> str:
+    """The content of the only `\\boxed{...}` in `text`, or `text` if there is not exactly one."""
+    if text.count("\\boxed") != 1:
+        return text
+    content = _boxed_at(text, text.index("\\boxed"))
+    return text if content is None else content
 
 
 # ----------------------------------------------------------------------------- normalisation
