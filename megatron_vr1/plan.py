@@ -285,9 +285,10 @@ def format_plan(plan: Plan, arch) -> str:
              f"{'component':<20} {'GiB':>8}  how"]
     for name, value, how in plan.rows:
         lines.append(f"{name:<20} {value / GiB:>8.2f}  {how}")
-    lines.append(f"{'peak, training':<20} {plan.train_peak / GiB:>8.2f}  weights+ref+grads+optimizer+activations+overhead")
+    ref = "+reference" if any(n == "reference model" for n, _, _ in plan.rows) else ""
+    lines.append(f"{'peak, training':<20} {plan.train_peak / GiB:>8.2f}  weights{ref}+grads+optimizer+activations+overhead")
     if plan.mode == "rl":
-        lines.append(f"{'peak, rollout':<20} {plan.rollout_peak / GiB:>8.2f}  weights+ref+grads+optimizer+engine+overhead")
+        lines.append(f"{'peak, rollout':<20} {plan.rollout_peak / GiB:>8.2f}  weights{ref}+grads+optimizer+engine+overhead")
     return "\n".join(lines)
 
 

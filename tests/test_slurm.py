@@ -200,3 +200,32 @@ def test_stage_selection_and_bad_values():
         load_config(REPO / "configs" / "qwen25vl_7b_ptst.yaml", ["slurm.time_limit=tomorrow"])
     with pytest.raises(ValueError, match="slurm.procs_per_node"):
         load_config(REPO / "configs" / "qwen25vl_7b_ptst.yaml", ["slurm.gpus_per_node=0"])
+
+
+_AGREE = """
+import os, signal, sys, torch.distributed as dist
+from megatron_vr1 import preemption
+stop = preemption.install()
+dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
+first = stop.requested()                      # nobody signalled yet
+if dist.get_rank() == 1:
+    os.kill(os.getpid(), signal.SIGUSR1)      # only rank 1 hears the time-limit signal
+second = stop.requested()                     # ... both ranks stop after this step
+print(first, second, flush=True)
+try:
+    preemption.exit_preempted()
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_stop_flag_is_agreed_across_ranks():
+    from distributed import _free_port
+
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _AGREE], env=dict(env, RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 75, err[-2000:]  # preemption.EXIT_PREEMPTED: the batch script requeues on it
+        assert out.split() == ["False", "True"], out
