@@ -63,9 +63,9 @@ vr1_wait() {
       exit "$rc"
     fi
     echo "vr1: checkpoint saved; requeueing job $SLURM_JOB_ID (it resumes from checkpoints/latest)" >&2
-    scontrol requeue "$SLURM_JOB_ID"
-    sleep 5   # the requeue ends this shell; do not let it exit with srun's status first
-    exit 0
+    scontrol requeue "$SLURM_JOB_ID" || echo "vr1: scontrol requeue failed: resubmit this script to resume" >&2
+    sleep 10   # the requeue ends this shell; if it did not, the stage is unfinished: fail (dependents cancelled)
+    exit 75
   fi
   echo "vr1: job step finished with status $rc at $(date -Is)" >&2
   exit "$rc"

@@ -131,7 +131,13 @@ def submit(args) -> int:
     for job in jobs:
         script = folder / f"{job.name}.sbatch"
         script.write_text(job.script)
-        job_id = scheduler.sbatch(script, after=prev)
+        try:
+            job_id = scheduler.sbatch(script, after=prev)
+        except scheduler.SlurmError as e:
+            if records:
+                scheduler.write_chain(run_dir, Path(args.config).absolute(), records)
+            done = " ".join(r["job_id"] for r in records)
+            raise ValueError(f"{e}" + (f"; already submitted: {done} (scancel {done} to drop them)" if done else "")) from None
         records.append({"name": job.name, "kind": job.kind, "label": job.label, "job_id": job_id,
                         "script": str(script), "log": str(folder / "logs" / f"{job.name}-{job_id}.out"),
                         "after": prev})
