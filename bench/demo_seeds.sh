@@ -23,7 +23,7 @@ for seed in $SEEDS; do
   echo "== GRPO seed $seed -> $out"
   $MV train configs/tiny_cpu.yaml run_dir="$out" seed="$seed" model.hf_path="$RUN/hf" \
     model.mcore_path="$RUN/sft/checkpoints/sft_final" data.train_path="$RUN/data/rl_train.parquet" \
-    data.val_path="$RUN/data/rl_val.parquet" 2> "$out.log"
+    data.val_path="$RUN/data/rl_val.parquet" > "$out.log" 2>&1
   $MV convert mcore-to-hf --mcore "$out/checkpoints/best" --out "$out.hf" --no-progress
   $PY -m megatron_vr1.quick_eval --hf "$out.hf" --data "$RUN/data/rl_test.parquet" --json "$out.eval.json" 2>/dev/null
 done
@@ -34,7 +34,7 @@ echo "== cold start + $SFT_STEPS SFT steps -> $out"
 $MV sft configs/tiny_cpu_sft.yaml run_dir="$out" model.hf_path="$RUN/hf" \
   model.mcore_path="$RUN/sft/checkpoints/sft_final" sft.data_path="$RUN/data/coldstart_sft.jsonl" \
   sft.image_root="$RUN/data" sft.epochs="$epochs" optim.warmup_ratio=0.05 checkpoint.save_interval=100000 \
-  --stop-after-step "$SFT_STEPS" 2> "$out.log"
+  --stop-after-step "$SFT_STEPS" > "$out.log" 2>&1
 ckpt="$out/checkpoints/$(cat "$out/checkpoints/latest")"
 $MV convert mcore-to-hf --mcore "$ckpt" --out "$out.hf" --no-progress
 $PY -m megatron_vr1.quick_eval --hf "$out.hf" --data "$RUN/data/rl_test.parquet" --json "$out.eval.json" 2>/dev/null
