@@ -229,3 +229,33 @@ def test_stop_flag_is_agreed_across_ranks():
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 75, err[-2000:]  # preemption.EXIT_PREEMPTED: the batch script requeues on it
         assert out.split() == ["False", "True"], out
+
+
+@pytest.mark.slow
+def test_sft_saves_on_sigusr1_and_resumes(tiny_hf, tiny_mcore, tmp_path):
+    """The cold-start SFT loop honours the same signal: save after the step, exit 75, resume."""
+    import signal
+
+    from megatron_vr1.data.synthetic import write_synthetic
+
+    data = tmp_path / "data"
+    write_synthetic(data, n_train=8, n_val=4, n_test=4, n_sft=64, seed=0)
+    run_dir = tmp_path / "sft"
+    cmd = [sys.executable, "-m", "megatron_vr1.cli", "sft", str(REPO / "configs" / "tiny_cpu_sft.yaml"),
+           f"run_dir={run_dir}", f"model.hf_path={tiny_hf}", f"model.mcore_path={tiny_mcore}",
+           f"sft.data_path={data / 'coldstart_sft.jsonl'}", f"sft.image_root={data}", "sft.global_batch_size=8",
+           "sft.epochs=1", "checkpoint.save_interval=100"]
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and "step 1/8" not in log.read_text():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=300) == 75, log.read_text()[-3000:]
+    saved = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert saved.startswith("sft_step_") and int(saved[-6:]) < 8
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / saved}" in r.stderr
+    assert (run_dir / "checkpoints" / "sft_final").is_dir() and "step 8/8" in r.stderr
