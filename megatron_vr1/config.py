@@ -126,9 +126,9 @@ class OptimConfig:
     lr: float = 1e-6
     """Peak learning rate of AdamW (a PTST stage may override it)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    """Schedule after warmup; cosine decays to 0 over the command's optimizer steps."""
+    """Schedule after warmup; cosine decays to 0 over the run (SFT: optimizer steps; RL: the RL steps of all enabled stages)."""
     warmup_ratio: float = 0.0
-    """Fraction of the command's optimizer steps with linear warmup from 0."""
+    """Fraction of the run (SFT: optimizer steps; RL: RL steps of all enabled stages) with linear warmup from 0."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW (beta1, beta2)."""
     eps: float = 1e-8

@@ -41,12 +41,13 @@ class RLRun:
     model: object          # DDP-wrapped policy chunk
     optimizer: object
     ref: Optional[object]  # frozen reference chunk (None when kl_beta == 0)
-    engine: Optional[object]  # on the first rank of each model-parallel group
+    engine: Optional[object]  # the engine this rank generates with: the first rank of each model-parallel group
     processor: object
     sampler: object
     val_rows: list
     sink: object
     state: LoopState
+    idle_engine: Optional[object] = None  # the other ranks' engine: built, never used (see setup)
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -60,8 +61,8 @@ def train(cfg, arch, start_stage: int = 0) -> Path:
     stages = [s for s in cfg.ptst.stages if s.enabled]
     for stage_index in range(run.state.stage, len(stages)):
         stage = stages[stage_index]
-        set_lr(run, stage.lr if stage.lr is not None else cfg.optim.lr)
         while run.state.step_in_stage < stage.steps:
+            set_lr(run, rl_lr(cfg, stages, stage, run.state.global_step + 1))
             t = Timer()
             prompts = this_replicas_share(run.sampler.next_batch())
             with t("rollout"):
@@ -164,19 +165,23 @@ def setup(cfg, arch, start_stage: int = 0) -> RLRun:
         state = LoopState(**loaded)
         sampler.load_state_dict(state.sampler)
         log.info("resumed from %s (stage %d, step %d)", ckpt, state.stage, state.step_in_stage)
-    engine = None
-    if _first_of_model_parallel_group():
-        from megatron_vr1.rollout.vllm_engine import VLLMEngine
+    # Every rank builds an engine: vLLM's start-up creates process groups over the whole world, a
+    # collective that hangs if only some ranks take part (seen as a TP=2 run stuck in engine start).
+    # On CPU (one TP=1 engine per rank) only the first rank of each model-parallel group generates.
+    from megatron_vr1.rollout.vllm_engine import VLLMEngine
 
-        max_len = max(s.max_response_length for s in cfg.ptst.stages if s.enabled) + cfg.data.max_prompt_length
-        kv = int(cfg.rollout.kv_cache_gib * 2**30) if cfg.rollout.kv_cache_gib else None
-        engine = VLLMEngine(cfg.model.hf_path, arch, dtype=cfg.model.params_dtype, max_model_len=max_len,
-                            kv_cache_bytes=kv, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                            seed=cfg.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    max_len = max(s.max_response_length for s in cfg.ptst.stages if s.enabled) + cfg.data.max_prompt_length
+    kv = int(cfg.rollout.kv_cache_gib * 2**30) if cfg.rollout.kv_cache_gib else None
+    engine = VLLMEngine(cfg.model.hf_path, arch, dtype=cfg.model.params_dtype, max_model_len=max_len,
+                        kv_cache_bytes=kv, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                        seed=cfg.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    idle = None
+    if not _first_of_model_parallel_group():
+        engine, idle = None, engine
     sink = make_sink(run_dir, wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode, rank=rank)
     run = RLRun(cfg, arch, run_dir, ddp, optimizer, ref, engine,
                 load_processor(cfg.model.hf_path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels), sampler,
-                val_rows, sink, state)
+                val_rows, sink, state, idle_engine=idle)
     resync(run, full=True)  # the engine starts from the HF weights; the policy may be the cold-start checkpoint
     if state.global_step == 0:  # the cold start is the first candidate for `best`
         stages = [s for s in cfg.ptst.stages if s.enabled]
@@ -314,6 +319,16 @@ def maybe_eval(run: RLRun, stage) -> None:
     if acc is not None and acc > run.state.best_val:
         run.state.best_val = acc
         save(run, "best", update_latest=False)
+
+
+def rl_lr(cfg, stages, stage, step: int) -> float:
+    """Learning rate of RL step `step` (1-based, counted over the run's enabled stages): optim.lr
+    (or the stage's own lr) with optim.warmup_ratio's linear warmup and optim.lr_schedule."""
+    from megatron_vr1.schedule import lr_at, warmup_steps
+
+    total = sum(s.steps for s in stages)
+    peak = stage.lr if stage.lr is not None else cfg.optim.lr
+    return lr_at(step, total, peak, warmup_steps(total, cfg.optim.warmup_ratio), cfg.optim.lr_schedule)
 
 
 def set_lr(run: RLRun, lr: float) -> None:

@@ -50,6 +50,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_vr1.schedule import lr_at, warmup_steps  # noqa: F401  (lr_at: also imported from here)
+
 log = logging.getLogger("megatron_vr1.sft")
 
 FINAL_TAG = "sft_final"
@@ -66,25 +68,6 @@ def step_tag(step: int) -> str:
 def total_steps(n_rows: int, global_batch_size: int, epochs: int) -> int:
     """Optimizer steps of a run: epochs * ceil(rows / global batch) (the last batch of an epoch may be short)."""
     return epochs * math.ceil(n_rows / global_batch_size)
-
-
-def warmup_steps(total: int, warmup_ratio: float) -> int:
-    """ceil(warmup_ratio * total), as Hugging Face's Trainer counts it."""
-    return math.ceil(warmup_ratio * total)
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str) -> float:
-    """Learning rate of optimizer step `step` (1-based) of `total`: peak*step/warmup while
-    step <= warmup, then `peak` (constant) or peak*(1+cos(pi*k/(total-warmup)))/2 with
-    k = step-1-warmup (cosine: the first step after warmup is at the peak, the last above 0)."""
-    if step <= warmup:
-        return peak * step / warmup
-    if schedule == "constant":
-        return peak
-    if schedule != "cosine":
-        raise ValueError(f"optim.lr_schedule {schedule!r}: use 'constant' or 'cosine'")
-    progress = (step - 1 - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @functools.lru_cache(maxsize=2)
