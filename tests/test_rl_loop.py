@@ -22,6 +22,7 @@ def _train_cmd(tmp, hf, mcore, data, steps, *extra):
            f"run_dir={tmp / 'rl'}", f"model.hf_path={hf}", f"model.mcore_path={mcore}",
            f"data.train_path={data / 'rl_train.parquet'}", f"data.val_path={data / 'rl_val.parquet'}",
            "rollout.prompts_per_step=4", "grpo.minibatch_prompts=2", "parallel.micro_batch_size=4",
+           "optim.lr=2e-4", "optim.warmup_ratio=0",  # pinned: the golden metrics do not follow demo tuning
            f"ptst.stages=[{{max_response_length: 40, group_size: 4, steps: {steps[0]}}}, "
            f"{{max_response_length: 48, group_size: 2, steps: {steps[1]}}}]",
            "checkpoint.save_interval=1", "logging.val_interval=2", *extra]
