@@ -292,6 +292,22 @@ def format_plan(plan: Plan, arch) -> str:
     return "\n".join(lines)
 
 
+def check_fits(cfg, arch, where: str = "the recipe") -> None:
+    """Raises ValueError naming the components and the fix when `cfg`'s jobs do not fit its GPUs
+    (what `slurm submit` runs before anything reaches the queue)."""
+    layout = layout_from(cfg)
+    mode = detect_mode(cfg)
+    plan = estimate(cfg, arch, layout, mode)
+    if plan.fits:
+        return
+    fix = fixes(cfg, arch, layout, mode)
+    raise ValueError(
+        f"{where} does not fit {layout.gpu_gib:g} GiB GPUs ({'; '.join(plan.problems)}); "
+        f"fix: {' or '.join(fix) if fix else 'use more GPUs per model replica'} "
+        "(see `megatron-vr1 plan`; --no-plan-check submits anyway)"
+    )
+
+
 def add_arguments(parser) -> None:
     from megatron_vr1.cli import add_config_arguments
 

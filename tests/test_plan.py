@@ -103,3 +103,18 @@ def test_plan_command_fits_or_names_the_fix():
     r = _plan_cli(REPO / "configs/qwen25vl_7b_ptst.yaml", f"model.hf_path={ARCH / 'qwen2.5-vl-7b'}", "parallel.tp=1",
                   "parallel.sequence_parallel=false", "parallel.recompute=false", "rollout.gpu_memory_utilization=0.6")
     assert r.returncode == 2 and "raise parallel.tp to" in r.stderr, r.stdout + r.stderr
+
+
+def test_submit_refuses_a_layout_that_does_not_fit(capsys):
+    """`slurm submit` runs the plan first on GPU partitions: 72B PTST at PP 2 needs 82.5 GiB while
+    rolling out, so nothing is rendered or submitted and the error names the fix;
+    --no-plan-check goes ahead (here: --dry-run prints the scripts)."""
+    from megatron_vr1 import cli
+
+    args = ["slurm", "submit", str(REPO / "configs/qwen25vl_72b_ptst.yaml"),
+            f"model.hf_path={REPO / 'configs/arch/qwen2.5-vl-72b'}", "parallel.pp=2", "--dry-run"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "does not fit 80 GiB GPUs (rollout needs 82.5 GiB per GPU" in err and "raise parallel.pp to 4" in err
+    assert cli.main([*args, "--no-plan-check"]) == 0
+    assert "#SBATCH" in capsys.readouterr().out

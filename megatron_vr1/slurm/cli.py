@@ -65,6 +65,8 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", type=Path, metavar="DIR", help="after the last stage: megatron-vr1 eval of "
                    "checkpoints/best on the benchmarks in DIR")
     p.add_argument("--eval-bench", default="mathvista,mathverse,mmmath", help="benchmarks of the eval job")
+    p.add_argument("--no-plan-check", action="store_true",
+                   help="submit even when `megatron-vr1 plan` says a job does not fit the GPUs' memory")
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -75,8 +77,13 @@ def _load(config: Path, overrides: list[str], args) -> "Config":  # noqa: F821
 
     extra = [f"slurm.{k}={v}" for k, v in (("partition", args.partition), ("account", args.account)) if v]
     cfg = load_config(config, [*overrides, *extra])
-    cfg.validate_against(load_hf_arch(cfg.model.hf_path))  # errors now, not hours later in the queue
+    arch = load_hf_arch(cfg.model.hf_path)
+    cfg.validate_against(arch)  # errors now, not hours later in the queue
     cfg.parallel.dp(cfg.slurm.world_size)
+    if cfg.slurm.gpus_per_node > 0 and not getattr(args, "no_plan_check", False):
+        from megatron_vr1.plan import check_fits
+
+        check_fits(cfg, arch, where=str(config))  # an OOM found before the queue, with the fix
     return cfg
 
 
