@@ -95,6 +95,20 @@ class ParallelConfig:
         return world_size // (self.tp * self.pp)
 
 
+R1_ZERO_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+    "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
+    "</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here "
+    "</answer>."
+)
+"""DeepSeek-R1-Zero's prompt, used as the system prompt by Vision-R1-Zero (RL from the base model).
+Vision-R1's PTST uses none (`data.system_prompt: null`)."""
+
+SYSTEM_PROMPTS = {"r1-zero": R1_ZERO_SYSTEM_PROMPT}
+"""Named system prompts: `data.system_prompt: r1-zero` (or eval's --system-prompt r1-zero)."""
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     train_path: Path | None = None
@@ -108,10 +122,12 @@ class DataConfig:
     max_pixels: int = 1003520
     """Images with more pixels are downscaled (processor max_pixels, 1280*28*28)."""
     system_prompt: str | None = None
-    """System prompt of RL prompts; null: the chat template's default (Vision-R1 PTST)."""
+    """System prompt of RL prompts: null (the chat template's default; Vision-R1 PTST), a name in
+    SYSTEM_PROMPTS (r1-zero: Vision-R1-Zero), or the text itself."""
 
     def __post_init__(self):
         _check_fields(self, "data")
+        self.system_prompt = SYSTEM_PROMPTS.get(self.system_prompt, self.system_prompt)
         _at_least(self, "data", "max_prompt_length", 1)
         _at_least(self, "data", "min_pixels", 1)
         if self.max_pixels < self.min_pixels:

@@ -73,7 +73,9 @@ def test_baselines_inherit_and_override():
     assert [(s.max_response_length, s.group_size, s.steps) for s in long.ptst.stages] == [(16384, 4, 300)]
     assert long.optim == ptst.optim and long.parallel == ptst.parallel and long.model == ptst.model
     assert zero.grpo.reward == "format_and_result" and zero.ptst == ptst.ptst
-    assert zero.data.system_prompt.startswith("A conversation between User and Assistant.")
+    from megatron_vr1.config import R1_ZERO_SYSTEM_PROMPT
+
+    assert zero.data.system_prompt == R1_ZERO_SYSTEM_PROMPT  # the named prompt `r1-zero`, resolved
     assert "<think> </think> and <answer> </answer>" in zero.data.system_prompt
     assert zero.model.mcore_path == CONFIGS.parent / "checkpoints" / "qwen2.5-vl-7b"
     big = load_config(CONFIGS / "qwen25vl_72b_ptst.yaml")

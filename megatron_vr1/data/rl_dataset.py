@@ -27,6 +27,7 @@ from typing import Any, Generic, Iterator, Sequence, TypeVar
 
 from PIL import Image
 
+from megatron_vr1.config import R1_ZERO_SYSTEM_PROMPT  # noqa: F401  (re-exported)
 from megatron_vr1.data.bad_rows import BadRow, LoadResult, SkipReport
 from megatron_vr1.rollout.engine import RolloutPrompt
 
@@ -38,15 +39,6 @@ IMAGE_COLUMNS = ("images", "image")
 PROBLEM_COLUMNS = ("problem", "question")
 ANSWER_COLUMN = "answer"
 
-R1_ZERO_SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
-    "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
-    "</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here "
-    "</answer>."
-)
-"""DeepSeek-R1-Zero's prompt, used as the system prompt by Vision-R1-Zero (RL from the base model).
-Vision-R1's PTST uses none (`data.system_prompt: null`)."""
 
 
 @dataclass

@@ -14,7 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from megatron_vr1.data.rl_dataset import R1_ZERO_SYSTEM_PROMPT
+from megatron_vr1.config import SYSTEM_PROMPTS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def settings_from_args(a: argparse.Namespace):
         if not sep or not path:
             raise ValueError(f"--file {item!r}: use BENCH=PATH, e.g. --file mathvista=data/MathVista/testmini.json")
         files[parse_bench_list(name)[0]] = Path(path)
-    system = {"none": None, "r1-zero": R1_ZERO_SYSTEM_PROMPT}.get(a.system_prompt, a.system_prompt)
+    system = None if a.system_prompt == "none" else SYSTEM_PROMPTS.get(a.system_prompt, a.system_prompt)
     judge = None
     if a.judge_url or a.judge_model:
         if not (a.judge_url and a.judge_model):
