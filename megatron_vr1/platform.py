@@ -117,6 +117,31 @@ def model_parallel_seed(seed: int) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
 
 
+def init_distributed(parallel, seed: int) -> None:
+    """The default process group (from torchrun's RANK/WORLD_SIZE/MASTER_*; a plain `python`
+    process gets a one-rank group on a free port), megatron-core's TP/PP groups from the recipe's
+    `parallel` section, and the seeds. Idempotent."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    setup()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]),
+                                  RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if on_cuda():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend(), rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    parallel.dp(dist.get_world_size())  # checks that tp*pp divides the world size, naming the fix
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(parallel.tp, parallel.pp)
+    model_parallel_seed(seed)
+
+
 def backend() -> str:
     """torch.distributed backend for this machine."""
     return "nccl" if on_cuda() else "gloo"

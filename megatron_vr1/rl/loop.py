@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megatron_vr1 import platform
 
 log = logging.getLogger("megatron_vr1.rl")
 
@@ -97,25 +98,6 @@ def train(cfg, arch, start_stage: int = 0) -> Path:
 # ----------------------------------------------------------------------------- set-up
 
 
-def _init_distributed(cfg) -> None:
-    from megatron.core import parallel_state as ps
-
-    from megatron_vr1 import platform
-
-    platform.setup()
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]), RANK="0", WORLD_SIZE="1")
-        dist.init_process_group(platform.backend(), rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp)
-    platform.model_parallel_seed(cfg.seed)
-
-
 def _first_of_model_parallel_group() -> bool:
     from megatron.core import parallel_state as ps
 
@@ -138,7 +120,7 @@ def setup(cfg, arch, start_stage: int = 0) -> RLRun:
         raise ValueError("data.train_path is not set: a parquet in the Vision-R1-rl schema (images, problem, answer)")
     rows = load_rl_rows(cfg.data.train_path)  # bad rows are counted and skipped before any model is built
     val_rows = load_rl_rows(cfg.data.val_path) if cfg.data.val_path else []
-    _init_distributed(cfg)
+    platform.init_distributed(cfg.parallel, cfg.seed)
     rank = dist.get_rank()
     run_dir = Path(cfg.run_dir)
     if rank == 0:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -50,6 +49,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_vr1 import platform
 from megatron_vr1.schedule import lr_at, warmup_steps  # noqa: F401  (lr_at: also imported from here)
 
 log = logging.getLogger("megatron_vr1.sft")
@@ -185,8 +185,6 @@ class StepResult:
 
 
 def _device() -> torch.device:
-    from megatron_vr1 import platform
-
     return torch.device("cuda", torch.cuda.current_device()) if platform.on_cuda() else torch.device("cpu")
 
 
@@ -247,30 +245,6 @@ def sft_step(ddp_model, optimizer, mbs: list[PackedMicroBatch], arch, global_los
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-def _init_distributed(cfg) -> None:
-    from megatron.core import parallel_state as ps
-
-    from megatron_vr1 import platform
-
-    platform.setup()
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `python` process: a one-rank group on a free port
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]),
-                                  RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        if platform.on_cuda():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(platform.backend(), rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]))
-    cfg.parallel.dp(dist.get_world_size())  # checks that tp*pp divides the world size
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp)
-    platform.model_parallel_seed(cfg.seed)
 
 
 def _resume_point(run_dir: Path) -> Optional[Path]:
@@ -353,7 +327,7 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
     total = total_steps(len(rows), s.global_batch_size, s.epochs)
     warmup = warmup_steps(total, o.warmup_ratio)
 
-    _init_distributed(cfg)
+    platform.init_distributed(cfg.parallel, cfg.seed)
     rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     run_dir = Path(cfg.run_dir)
     if rank == 0:
