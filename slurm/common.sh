@@ -18,6 +18,34 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
 export NCCL_IB_RETRY_CNT=${NCCL_IB_RETRY_CNT:-13}
 
+# ---------------------------------------------------------------- Python
+# Which Python runs the job (VR1_PYTHON, used by the srun line):
+#   1. MEGATRON_VR1_VENV, when set for the job (export it before sbatch; in a container job, a venv
+#      path inside the container, e.g. one made with SETUP_GPU_IN_PLACE=0 on a mounted file system);
+#   2. no container: the venv active when sbatch ran (VIRTUAL_ENV), else the venv that rendered
+#      this script (VR1_DEFAULT_VENV, written by `megatron-vr1 slurm submit`);
+#   3. otherwise `python` on PATH (a container: the image's Python, e.g. an NGC PyTorch image
+#      set up with SETUP_GPU_IN_PLACE=1 bash scripts/setup_gpu.sh).
+if [[ -n ${MEGATRON_VR1_VENV:-} ]]; then
+  VR1_VENV=$MEGATRON_VR1_VENV
+elif ((${VR1_IN_CONTAINER:-0} == 0)); then
+  VR1_VENV=${VIRTUAL_ENV:-${VR1_DEFAULT_VENV:-}}
+else
+  VR1_VENV=
+fi
+if [[ -n $VR1_VENV ]]; then
+  VR1_PYTHON=$VR1_VENV/bin/python
+  if ((${VR1_IN_CONTAINER:-0} == 0)); then
+    [[ -x $VR1_PYTHON ]] || { echo "vr1: no Python at $VR1_PYTHON (MEGATRON_VR1_VENV / the submitter's venv)" >&2; exit 1; }
+    # shellcheck disable=SC1091
+    source "$VR1_VENV/bin/activate"
+  fi
+else
+  VR1_PYTHON=python
+fi
+export VR1_PYTHON
+echo "vr1: Python $VR1_PYTHON" >&2
+
 # ---------------------------------------------------------------- rendezvous
 # One torchrun per node (srun --ntasks-per-node=1); they meet at the first host of the allocation.
 VR1_MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)

@@ -258,4 +258,42 @@ def test_sft_saves_on_sigusr1_and_resumes(tiny_hf, tiny_mcore, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / saved}" in r.stderr
-    assert (run_dir / "checkpoints" / "sft_final").is_dir() and "step 8/8" in r.stderr
+    assert (run_dir / "checkpoints" / "sft_final").is_dir() and "sft step 8/8" in r.stdout  # the progress line
+
+
+def test_rendered_scripts_take_python_from_the_job_venv(tmp_path):
+    """No interpreter path is baked into the srun line: the job picks its Python in common.sh from
+    MEGATRON_VR1_VENV, else the venv active at sbatch time, else the submitter's venv (rendered as
+    the default); a container job uses the image's `python` unless MEGATRON_VR1_VENV is set."""
+    from megatron_vr1.config import load_config
+    from megatron_vr1.slurm.render import ptst_jobs
+
+    def script(*overrides):
+        cfg = load_config(CONFIG, list(overrides))
+        return ptst_jobs(cfg, CONFIG, [], [0], prefix="t", log_dir=tmp_path, workdir=tmp_path)[0].script
+
+    plain, boxed = script(), script("slurm.container_image=nvcr.io#nvidia/pytorch:25.01-py3")
+    for s in (plain, boxed):
+        assert '"$VR1_PYTHON" "${VR1_TORCHRUN[@]}"' in s and sys.executable not in s.split("\nsrun ")[1]
+    assert f"VR1_DEFAULT_VENV={sys.prefix}" in plain and "VR1_IN_CONTAINER=0" in plain
+    assert "VR1_DEFAULT_VENV=''" in boxed and "VR1_IN_CONTAINER=1" in boxed
+    common = (REPO / "slurm" / "common.sh").read_text()
+    block = common.split("# ---------------------------------------------------------------- Python")[1].split("# ----")[0]
+    venv = tmp_path / "jobvenv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / "bin" / "activate").write_text(f'export VIRTUAL_ENV={venv}\nexport PATH="{venv}/bin:$PATH"\n')
+
+    def python_of(export_line: str, **env) -> str:
+        base = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "MEGATRON_VR1_VENV")}
+        r = subprocess.run(["bash", "-c", export_line + "\n" + block + '\necho "$VR1_PYTHON"'], capture_output=True,
+                           text=True, env=dict(base, **env))
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    line = lambda s: next(x for x in s.splitlines() if x.startswith("export VR1_DEFAULT_VENV="))  # noqa: E731
+    assert python_of(line(plain)) == f"{sys.prefix}/bin/python"
+    assert python_of(line(plain), MEGATRON_VR1_VENV=str(venv)) == f"{venv}/bin/python"
+    assert python_of(line(plain), VIRTUAL_ENV=str(venv)) == f"{venv}/bin/python"
+    assert python_of(line(boxed), VIRTUAL_ENV=str(venv)) == "python"
+    assert python_of(line(boxed), MEGATRON_VR1_VENV="/opt/venv") == "/opt/venv/bin/python"

@@ -87,7 +87,11 @@ def _q(value) -> str:
 
 def common_values(cfg, config_path: Path, *, name: str, log_dir: Path, workdir: Path) -> dict[str, object]:
     s = cfg.slurm
-    python = "python" if s.container_image else sys.executable
+    # The job's Python is chosen in the job (slurm/common.sh): $MEGATRON_VR1_VENV if set for the
+    # job, else (no container) the venv active at sbatch time ($VIRTUAL_ENV), else the venv this
+    # render ran in, else `python` on PATH (a container: the image's Python).
+    in_venv = sys.prefix != getattr(sys, "base_prefix", sys.prefix)
+    default_venv = "" if s.container_image or not in_venv else str(Path(sys.prefix).absolute())
     container = []
     if s.container_image:
         container.append(f"--container-image={_q(s.container_image)}")
@@ -112,7 +116,9 @@ def common_values(cfg, config_path: Path, *, name: str, log_dir: Path, workdir: 
         "LOG_DIR": _q(log_dir),
         "REPO": _q(REPO),
         "CONTAINER": " ".join(container),
-        "PYTHON": _q(python),
+        "PYTHON": '"$VR1_PYTHON"',
+        "DEFAULT_VENV": _q(default_venv),
+        "IN_CONTAINER": 1 if s.container_image else 0,
         "CONFIG": _q(Path(config_path).absolute()),
     }
 
