@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -61,6 +62,14 @@ def run(args) -> int:
 
 
 def _verify(args) -> int:
+    from checkpoints_conv.arch import load_hf_arch
+    from checkpoints_conv.convert import model_dir_of
+
+    # bad inputs fail here, before any process group or model is built
+    if not (Path(args.hf) / "config.json").is_file():
+        raise FileNotFoundError(f"--hf {args.hf} has no config.json; pass the HF folder the checkpoint came from")
+    load_hf_arch(args.hf)
+    model_dir_of(args.mcore)
     from megatron_vr1 import platform
 
     platform.setup()

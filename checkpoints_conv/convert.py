@@ -21,11 +21,10 @@ from typing import Callable, Optional
 
 import torch
 
+from checkpoints_conv.arch import check_parallel_fits, load_hf_arch, padded_sizes
 from checkpoints_conv.dcp_io import Chunk, DCPReader, save_chunks
 from checkpoints_conv.hf_io import HFReader, write_safetensors
 from checkpoints_conv.mapping import TensorPlan, expected_hf_shapes, group_of, plan, unpack
-from megatron_vr1.config import load_hf_arch
-from megatron_vr1.models.qwen25_vl.padding import check_parallel_fits, padded_sizes
 
 INFO = "megatron_vr1.json"
 MODEL_DIR = "model"
@@ -93,7 +92,9 @@ def _commit(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-def _copy_non_weights(src: Path, dst: Path) -> None:
+def copy_non_weights(src: Path, dst: Path) -> None:
+    """Copy the files of an HF folder that are not weights (config, tokenizer, processor, chat
+    template) into `dst`; used for the `hf/` folder of a converted or trainer checkpoint."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _WEIGHT_INDEXES:
@@ -118,7 +119,12 @@ def to_scheme(name: str, scheme: str) -> str:
 
 
 def validate_hf(hf_dir: Path):
-    """(arch, reader) for an HF Qwen2.5-VL folder, or a clear error before anything is written."""
+    """(arch, reader) for an HF Qwen2.5-VL folder, or a clear error before anything is written:
+    a missing or damaged config.json, a missing shard, a truncated or damaged safetensors file
+    (sizes checked against every header), weights that do not match the config."""
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--hf {hf_dir} has no config.json; pass the HF Qwen2.5-VL folder holding "
+                                "config.json and the safetensors (e.g. a download of Qwen/Qwen2.5-VL-7B-Instruct)")
     arch = load_hf_arch(hf_dir)
     reader = HFReader(hf_dir)
     have, want = reader.shapes(), expected_hf_shapes(arch)
@@ -181,7 +187,7 @@ def hf_to_mcore(hf: str | os.PathLike, out: str | os.PathLike, tp: int = 1, pp: 
     t0 = time.perf_counter()
     try:
         save_chunks(tmp / MODEL_DIR, chunks, _progress(total, "hf->mcore", progress))
-        _copy_non_weights(hf, tmp / HF_DIR)
+        copy_non_weights(hf, tmp / HF_DIR)
         pad = padded_sizes(arch)
         info = dict(format=FORMAT, source=str(hf.resolve()), tp=tp, pp=pp, dtype=str(reader.dtype(plans[0].hf_names[0])),
                     key_scheme=_key_scheme(reader), padded_vocab=pad.vocab, padded_vision_ffn=pad.vision_ffn)
@@ -194,8 +200,43 @@ def hf_to_mcore(hf: str | os.PathLike, out: str | os.PathLike, tp: int = 1, pp: 
 
 
 def read_info(mcore: Path) -> dict:
-    f = mcore / INFO
-    return json.loads(f.read_text()) if f.exists() else {}
+    """The `megatron_vr1.json` of a checkpoint folder ({} when it has none)."""
+    f = Path(mcore) / INFO
+    if not f.exists():
+        return {}
+    try:
+        info = json.loads(f.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f} is damaged (not valid JSON: {e}); convert the checkpoint again, or delete the "
+                         f"file and pass --key-scheme and --hf-config yourself") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{f} is damaged (not a JSON object); convert the checkpoint again")
+    return info
+
+
+def model_dir_of(mcore: str | os.PathLike) -> Path:
+    """The torch_dist folder of a checkpoint: `<mcore>/model` for a converted or trainer
+    checkpoint, else `mcore` itself (a bare megatron-core checkpoint); or a FileNotFoundError
+    that says what `mcore` is instead and which folder to pass."""
+    mcore = Path(mcore)
+    if not mcore.is_dir():
+        raise FileNotFoundError(f"--mcore {mcore} does not exist or is not a folder; pass the folder written by "
+                                f"`megatron-vr1 convert hf-to-mcore` or a trainer checkpoint (<run>/checkpoints/<tag>)")
+    for d in (mcore / MODEL_DIR, mcore):
+        if (d / ".metadata").is_file():
+            return d
+    if (mcore / "config.json").is_file() and any(mcore.glob("*.safetensors")):
+        hint = ("it is already an HF checkpoint (config.json + safetensors), so it needs no export; "
+                f"`megatron-vr1 convert hf-to-mcore --hf {mcore} --out <folder>` converts it the other way")
+    elif (mcore / MODEL_DIR).is_dir():
+        hint = (f"{mcore / MODEL_DIR} has no .metadata: the save or conversion that wrote it did not finish; "
+                "convert again, or use an earlier checkpoint")
+    elif any(p.is_dir() and (p / MODEL_DIR / ".metadata").is_file() for p in mcore.iterdir()):
+        hint = "it holds checkpoints: pass one of them (e.g. <run>/checkpoints/<tag>), not their parent"
+    else:
+        hint = "pass the folder written by `megatron-vr1 convert hf-to-mcore` or a trainer checkpoint " \
+               "(<run>/checkpoints/<tag>)"
+    raise FileNotFoundError(f"--mcore {mcore} is not a Megatron checkpoint (no {MODEL_DIR}/.metadata); {hint}")
 
 
 class MegatronToHF:
@@ -255,13 +296,14 @@ def mcore_to_hf(mcore: str | os.PathLike, out: str | os.PathLike, hf_config: Opt
                 max_shard_bytes: int = 5 * 2**30, overwrite: bool = False, progress: bool = True) -> ConvertStats:
     """Export a Megatron checkpoint folder (converted or trained) to an HF folder."""
     mcore, out = Path(mcore), Path(out)
-    model_dir = mcore / MODEL_DIR if (mcore / MODEL_DIR).is_dir() else mcore
+    model_dir = model_dir_of(mcore)
     hf_dir = Path(hf_config) if hf_config else mcore / HF_DIR
     if not (hf_dir / "config.json").exists():
         raise FileNotFoundError(f"{hf_dir} has no config.json; pass --hf-config with the HF folder the model came from")
     arch = load_hf_arch(hf_dir)
+    info = read_info(mcore)
     src = MegatronToHF(DCPReader(model_dir), arch, dtype)
-    scheme = key_scheme or read_info(mcore).get("key_scheme", "hub")
+    scheme = key_scheme or info.get("key_scheme", "hub")
     if scheme not in ("hub", "canonical"):
         raise ValueError(f"key_scheme={scheme!r}; use 'hub' (model.*/visual.*) or 'canonical' (model.language_model.*)")
     names = src.names()
@@ -290,7 +332,7 @@ def mcore_to_hf(mcore: str | os.PathLike, out: str | os.PathLike, hf_config: Opt
         if len(files) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _copy_non_weights(hf_dir, tmp)
+        copy_non_weights(hf_dir, tmp)
         if dtype is not None:
             _set_config_dtype(tmp / "config.json", dtype)
         _commit(tmp, out)

@@ -151,7 +151,13 @@ class DCPReader:
                 f"{self.dir} is not a megatron-core torch_dist checkpoint (no .metadata file); pass the "
                 f"folder written by `megatron-vr1 convert hf-to-mcore` or a trainer checkpoint"
             )
-        self.metadata = dcp.FileSystemReader(self.dir).read_metadata()
+        try:
+            self.metadata = dcp.FileSystemReader(self.dir).read_metadata()
+        except Exception as e:  # a truncated pickle raises EOFError, UnpicklingError, ValueError...
+            raise ValueError(
+                f"{self.dir / '.metadata'} is damaged ({type(e).__name__}: {e}); the save or copy that wrote "
+                f"this checkpoint did not finish: convert it again or use an earlier checkpoint"
+            ) from None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(m.size) for k, m in self.metadata.state_dict_metadata.items() if hasattr(m, "size")}

@@ -29,18 +29,56 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+_MAX_HEADER = 100_000_000
+_FIX = "re-download it (or re-export it) and run again"
+
+
+def _damaged(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path} is damaged ({what}); {_FIX}")
+
+
 def read_header(path: Path) -> dict:
+    """The tensor entries of one safetensors file (name -> dtype, shape, data_offsets, data_start).
+
+    Checked against the file's size before anything is read, so a truncated or otherwise damaged
+    file (an interrupted download, a copy that ran out of disk) fails here, naming the file, and
+    not later as a JSON error or a short mmap read in the middle of a conversion."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes); re-download or re-export it")
+            raise _damaged(path, f"{size} bytes, shorter than the 8-byte safetensors header length")
         (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file (header length {n}); re-download or re-export it")
-        hdr = json.loads(f.read(n))
+        if n > _MAX_HEADER:
+            raise ValueError(f"{path} is not a safetensors file (header length {n}); {_FIX}")
+        if 8 + n > size:
+            raise _damaged(path, f"truncated: its header needs {8 + n} bytes, the file has {size}")
+        raw = f.read(n)
+    try:
+        hdr = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(path, f"its header is not valid JSON: {e}") from None
+    if not isinstance(hdr, dict):
+        raise _damaged(path, "its header is not a JSON object")
     hdr.pop("__metadata__", None)
+    end = 0
     for name, info in hdr.items():
-        info["data_start"] = 8 + n + info["data_offsets"][0]
+        try:
+            dtype = info["dtype"]
+            shape = [int(x) for x in info["shape"]]
+            start, stop = (int(x) for x in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise _damaged(path, f"header entry {name!r} lacks a valid dtype, shape or data_offsets") from None
+        if dtype not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {dtype!r}, which the converter does not read "
+                             f"(it reads {', '.join(_DTYPES)})")
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=_DTYPES[dtype]).element_size()
+        if min(shape, default=0) < 0 or start < 0 or stop - start != nbytes:
+            raise _damaged(path, f"tensor {name}: data_offsets {[start, stop]} do not hold a {dtype} {shape}")
+        info["data_start"] = 8 + n + start
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise _damaged(path, f"truncated: its tensors need {8 + n + end} bytes, the file has {size}")
     return hdr
 
 
@@ -48,7 +86,10 @@ def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of an HF checkpoint; raises naming what is missing."""
     index = folder / INDEX
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise _damaged(index, f"not a JSON object with a weight_map: {type(e).__name__}: {e}") from None
         missing = [f for f in files if not (folder / f).exists()]
         if missing:
             raise FileNotFoundError(

@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from megatron_vr1.models.qwen25_vl.padding import padded_sizes
+from checkpoints_conv.arch import padded_sizes
 
 LM = "language_model"
 VISION = "vision_model"

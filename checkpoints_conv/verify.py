@@ -97,7 +97,7 @@ def compare(hf_dir: str | Path, mcore_dir: str | Path, tp: int = 1, pp: int = 1)
     import torch.distributed as dist
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_vr1.config import load_hf_arch
+    from checkpoints_conv.arch import load_hf_arch
     from megatron_vr1.models.qwen25_vl.io import load_weights
     from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
 

@@ -6,16 +6,24 @@ Layout (a checkpoint folder is also a valid `megatron-vr1 convert mcore-to-hf --
     RUN/checkpoints/<tag>/hf/               config, tokenizer, processor (for export / the engine)
     RUN/checkpoints/<tag>/megatron_vr1.json what it is
     RUN/checkpoints/latest                  the tag of the newest complete checkpoint
-Writes go to `<tag>.tmp-<pid>` and are renamed when complete; `latest` moves last (write then
-rename), so a kill at any moment leaves the previous checkpoint intact and `latest` pointing to it.
+Writes go to `.<tag>.tmp` and are renamed when complete (`megatron_vr1.json` is the last file
+written, after megatron-core's `model/metadata.json`); `latest` moves last (write then rename), so a
+kill at any moment leaves the previous checkpoint intact and `latest` pointing to it.
+
+Tags: RL writes `stage{K}_step{NNNNN}` every checkpoint.save_interval steps, `stage{K}_end` at the
+end of each PTST stage and `best` (never named by `latest`); SFT writes `sft_step_{NNNNNN}` and
+`sft_final` (model only). `prune_checkpoints` deletes only the periodic `*_step*` ones.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -23,9 +31,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoints_conv.convert import FORMAT, HF_DIR, INFO, MODEL_DIR, _copy_non_weights
+from checkpoints_conv.convert import FORMAT, HF_DIR, INFO, MODEL_DIR, copy_non_weights
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
+PERIODIC = re.compile(r"^(?:stage(?P<stage>\d+)_step(?P<step>\d+)|sft_step_(?P<sft_step>\d+))$")
+"""Names of the periodic step checkpoints that `prune_checkpoints` may delete (RL and SFT)."""
+_DELETING = ".deleting-"
 
 
 def _rank() -> int:
@@ -85,9 +98,10 @@ def save_checkpoint(run_dir: Path, tag: str, model, optimizer, state: dict, hf_d
     dist_checkpointing.save(_sharded_state(model, optimizer, state), str(tmp / MODEL_DIR))
     _barrier()
     if _rank() == 0:
-        _copy_non_weights(Path(hf_dir), tmp / HF_DIR)
-        (tmp / INFO).write_text(json.dumps({"format": FORMAT, "kind": "trainer", "tag": tag,
-                                            "key_scheme": "hub"}, indent=2) + "\n")
+        copy_non_weights(Path(hf_dir), tmp / HF_DIR)
+        # written last: its presence (with the format) marks a finished save, see is_complete
+        (tmp / INFO).write_text(json.dumps({"format": FORMAT, "kind": "trainer", "tag": tag, "key_scheme": "hub",
+                                            "saved_at": time.time()}, indent=2) + "\n")
         if final.exists():
             old = root / f".{tag}.old"
             os.rename(final, old)
@@ -103,14 +117,118 @@ def save_checkpoint(run_dir: Path, tag: str, model, optimizer, state: dict, hf_d
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    f = Path(run_dir) / "checkpoints" / LATEST
-    if not f.exists():
+def _info(ckpt_dir: Path) -> Optional[dict]:
+    try:
+        info = json.loads((ckpt_dir / INFO).read_bytes())
+    except (OSError, ValueError):
         return None
-    path = f.parent / f.read_text().strip()
-    if not (path / MODEL_DIR / "metadata.json").exists():
-        raise FileNotFoundError(f"{f} names {path.name}, which is incomplete; delete {f} to start over")
-    return path
+    return info if isinstance(info, dict) else None
+
+
+def is_complete(ckpt_dir: str | os.PathLike) -> bool:
+    """Whether `ckpt_dir` holds a finished checkpoint: megatron-core's `model/metadata.json` (written
+    at the end of its save) and torch's `model/.metadata`, then our `megatron_vr1.json` (written after
+    them, with the format). Pure file inspection, safe before anything is built; a temporary or
+    half-deleted folder (a name starting with '.') is never complete."""
+    d = Path(ckpt_dir)
+    if d.name.startswith(".") or not d.is_dir():
+        return False
+    if not ((d / MODEL_DIR / "metadata.json").is_file() and (d / MODEL_DIR / ".metadata").is_file()):
+        return False
+    info = _info(d)
+    return info is not None and info.get("format") == FORMAT
+
+
+def _saved_at(ckpt_dir: Path) -> float:
+    """When a checkpoint was saved: `saved_at` in its megatron_vr1.json, else (older saves) the
+    modification time of its model/metadata.json."""
+    t = (_info(ckpt_dir) or {}).get("saved_at")
+    return float(t) if isinstance(t, (int, float)) else (ckpt_dir / MODEL_DIR / "metadata.json").stat().st_mtime
+
+
+def _latest_name(root: Path) -> Optional[str]:
+    """The tag `latest` names, '' when the file is empty or unreadable, None when there is no file."""
+    f = root / LATEST
+    if not f.is_file():
+        return None
+    try:
+        return f.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint a run resumes from; pure file inspection (call it before building anything).
+
+    - no `checkpoints/latest` file: None (a fresh start; deleting `latest` starts over);
+    - `latest` names a complete checkpoint (`is_complete`): that one;
+    - `latest` names a missing or incomplete checkpoint (or is empty/damaged): the newest complete
+      checkpoint of the run instead, newest by the save time recorded in its megatron_vr1.json
+      (older saves: the mtime of model/metadata.json; ties: the later tag name), with a warning
+      naming both; None only when the run has no complete checkpoint at all.
+    Save time rather than a step number because RL (`stage{K}_step{N}`, `stage{K}_end`, `best`)
+    and SFT tags count steps differently; the last complete save is the furthest point of the run
+    that survives (`best` included: it holds the loop state of its step like any other save)."""
+    root = Path(run_dir) / "checkpoints"
+    name = _latest_name(root)
+    if name is None:
+        return None
+    named = root / name if name and "/" not in name and not name.startswith(".") else None
+    if named is not None and is_complete(named):
+        return named
+    what = "incomplete" if named is not None and named.exists() else "missing"
+    found = [d for d in root.iterdir() if is_complete(d)]
+    if not found:
+        log.warning("%s names %r, which is %s, and %s holds no complete checkpoint: starting from scratch",
+                    root / LATEST, name, what, root)
+        return None
+    newest = max(found, key=lambda d: (_saved_at(d), d.name))
+    log.warning("%s names %r, which is %s; resuming from %s instead (the newest complete checkpoint)",
+                root / LATEST, name, what, newest)
+    return newest
+
+
+def _periodic_order(name: str) -> Optional[tuple[int, int]]:
+    """(stage, step) of a periodic checkpoint name (SFT counts as stage -1: it precedes RL), else None."""
+    m = PERIODIC.match(name)
+    if m is None:
+        return None
+    if m.group("sft_step") is not None:
+        return (-1, int(m.group("sft_step")))
+    return (int(m.group("stage")), int(m.group("step")))
+
+
+def _remove(path: Path) -> None:
+    """Rename to a hidden name first (so nothing sees a half-deleted checkpoint), then delete."""
+    doomed = path.parent / f".{path.name}{_DELETING}{os.getpid()}"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete the periodic step checkpoints of a run beyond the newest `keep_last`; returns the deleted paths.
+
+    Periodic means a name matching `PERIODIC`: RL `stage{K}_step{N}` and SFT `sft_step_{N}`, ordered
+    by (K, N) (SFT before RL). Never deleted: `best`, stage ends (`stage{K}_end`), `sft_final`, any
+    other name, and whatever `latest` names. keep_last <= 0 keeps everything. Each deletion
+    renames the folder to a hidden `.<tag>.deleting-<pid>` and then removes it, so a kill
+    mid-way leaves no partial checkpoint under its tag (left-overs are removed by the next call).
+    Call on one rank only, after the save that precedes it has finished."""
+    root = Path(run_dir) / "checkpoints"
+    if keep_last <= 0 or not root.is_dir():
+        return []
+    for leftover in root.glob(f".*{_DELETING}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    protected = _latest_name(root)
+    periodic = sorted((order, d) for d in root.iterdir()
+                      if d.is_dir() and (order := _periodic_order(d.name)) is not None)
+    doomed = [d for _, d in periodic[:-keep_last] if d.name != protected]
+    for d in doomed:
+        _remove(d)
+    if doomed:
+        log.info("pruned %d old checkpoint(s) (checkpoint.keep_last=%d): %s", len(doomed), keep_last,
+                 ", ".join(d.name for d in doomed))
+    return doomed
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
@@ -121,9 +239,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     state = dict(common.get("state", {}))
     same_world = state.pop("world_size", None) == _world()
     if not same_world:
-        import logging
-
-        logging.getLogger(__name__).warning("%s was saved with another world size: RNG states are not restored", path)
+        log.warning("%s was saved with another world size: RNG states are not restored", path)
     sd = _sharded_state(model, optimizer, {}, loading=True, with_rng=same_world)
     sd = {k: v for k, v in sd.items() if k != "state"}
     loaded = dist_checkpointing.load(sd, str(Path(path) / MODEL_DIR))

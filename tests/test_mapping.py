@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import torch
 
+from checkpoints_conv.arch import load_hf_arch, padded_sizes
 from checkpoints_conv.mapping import canonical_hf_name, expected_hf_shapes, plan
-from megatron_vr1.config import load_hf_arch
-from megatron_vr1.models.qwen25_vl.padding import padded_sizes
 
 QWEN25_VL_7B = {
     "model_type": "qwen2_5_vl", "tie_word_embeddings": False,
@@ -54,7 +55,7 @@ def test_every_hf_element_lands_exactly_once_7b(tmp_path):
 
 
 def test_lm_qkv_layout_matches_reference_formula(tmp_path):
-    """NOTES: q.view(H,d,h), k,v.view(G,d,h); per group cat(q[g*n:(g+1)*n], k[g], v[g])."""
+    """docs/design.md: q.view(H,d,h), k,v.view(G,d,h); per group cat(q[g*n:(g+1)*n], k[g], v[g])."""
     arch = arch_7b(tmp_path)
     t = arch.text
     H, G, d, h = t.num_heads, t.num_kv_heads, t.head_dim, 8  # small hidden for the check
@@ -73,7 +74,7 @@ def test_vision_qkv_per_head_layout(tmp_path):
     arch = arch_7b(tmp_path)
     H, d, h = arch.vision.num_heads, arch.vision.hidden_size // arch.vision.num_heads, 4
     qkv = torch.randn(3 * H * d, h)
-    ref = qkv.view(3, H, d, h).transpose(0, 1).reshape(-1, h)  # NOTES: view(3,heads,d,h).transpose(0,1)
+    ref = qkv.view(3, H, d, h).transpose(0, 1).reshape(-1, h)  # docs/design.md: view(3,heads,d,h).transpose(0,1)
     p = next(p for p in plan(arch, expected_hf_shapes(arch)) if p.key.endswith("vision_model.decoder.layers.self_attention.linear_qkv.weight"))
     ours = torch.cat([qkv[s.src:s.src + s.length] for s in p.segments])
     assert torch.equal(ours, ref)
@@ -112,3 +113,68 @@ def test_plan_matches_model_sharded_state_dict(tiny_hf, single_rank):
         model_keys[v.key] = tuple(v.global_shape)
     ours = {p.key: p.global_shape for p in plan(arch, expected_hf_shapes(arch))}
     assert ours == model_keys
+
+
+# ---- package boundaries --------------------------------------------------------------------
+
+PACKAGES = ("megatron_vr1", "checkpoints_conv")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _private(dotted: str) -> bool:
+    return any(part.startswith("_") and not part.startswith("__") for part in dotted.split("."))
+
+
+def _cross_private_uses(path: Path, own: str, root: Path = REPO) -> list[str]:
+    """`own` package module `path` using a `_private` name (or module) of the other package:
+    `from other.x import _y`, `from other._x import y`, `import other._x`, or `m._y` where `m`
+    names a module of the other package."""
+    tree = ast.parse(path.read_text(), str(path))
+    other = {p for p in PACKAGES if p != own}
+
+    def foreign(module: str | None) -> bool:
+        return bool(module) and module.split(".")[0] in other
+
+    bad, modules = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and foreign(node.module):
+            for a in node.names:
+                if _private(node.module) or _private(a.name):
+                    bad.append(f"{path.relative_to(root)}:{node.lineno}: from {node.module} import {a.name}")
+                modules.add(a.asname or a.name)  # may be a submodule; attribute checks below
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if foreign(a.name):
+                    if _private(a.name):
+                        bad.append(f"{path.relative_to(root)}:{node.lineno}: import {a.name}")
+                    modules.add(a.asname or a.name.split(".")[0])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in modules:
+                bad.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
+    return bad
+
+
+def test_packages_use_only_public_names_of_each_other():
+    """megatron_vr1 and checkpoints_conv may import each other's public names only, so either can
+    rename its private helpers freely (the converter stands alone: architecture and padding rules
+    live in checkpoints_conv.arch)."""
+    bad = []
+    for pkg in PACKAGES:
+        files = sorted((REPO / pkg).rglob("*.py"))
+        assert files, pkg
+        for f in files:
+            bad += _cross_private_uses(f, pkg)
+    assert not bad, "private names used across packages:\n" + "\n".join(bad)
+
+
+def test_boundary_check_catches_private_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("from checkpoints_conv.convert import _commit, FORMAT\nimport checkpoints_conv.convert as cc\n"
+                 "cc._prepare_output\nfrom megatron_vr1.config import _fmt\nimport checkpoints_conv._x\n")
+    bad = _cross_private_uses(f, "megatron_vr1", root=tmp_path)
+    assert [b.split(": ", 1)[1] for b in bad] == [
+        "from checkpoints_conv.convert import _commit", "import checkpoints_conv._x", "cc._prepare_output"]

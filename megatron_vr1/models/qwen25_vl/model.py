@@ -46,7 +46,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.transformer_block import TransformerBlock  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
-from megatron_vr1.models.qwen25_vl.padding import (  # noqa: E402
+from checkpoints_conv.arch import (  # noqa: E402
     VISION_FFN_PAD_MULTIPLE, VOCAB_PAD_MULTIPLE, PaddedSizes, check_parallel_fits, padded_sizes,
 )
 from megatron_vr1.models.qwen25_vl.windows import vision_windows  # noqa: E402
