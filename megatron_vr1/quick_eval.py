@@ -1,7 +1,7 @@
 """Greedy accuracy of an HF checkpoint folder on Vision-R1-rl rows (the demo's held-out test).
 
 `python -m megatron_vr1.quick_eval --hf DIR --data test.parquet [--max-tokens N] [--json OUT]`
-The benchmark evaluation (MathVista & co., issue 7) will build on the same engine and rewards.
+The benchmark evaluation (`megatron-vr1 eval`) uses the same engine, prompt rendering and rewards.
 """
 
 from __future__ import annotations

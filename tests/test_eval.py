@@ -156,7 +156,7 @@ def test_extraction_and_number_parsing():
     assert parse_number("1,000 m") == 1000 and parse_number("3\\pi") == pytest.approx(9.42477796)
     assert parse_number("x^2") is None and parse_number("1/0") is None
     assert strip_units("5\\text{ cm}^2") == "5" and strip_units("30^{\\circ}") == "30"
-    assert option_letter("The answer is (B)") == ("B", "") and option_letter("a") == (None, "a")
+    assert option_letter("The answer is (B)") == "B" and option_letter("a") is None
 
 
 # ----------------------------------------------------------------------------- judge server
@@ -245,6 +245,130 @@ def test_judge_against_a_local_http_server(judge_server):
     denied = JudgeClient(judge_server + "/denied/v1", "fake", timeout_s=5, retries=3, backoff_s=0.01).judge(
         sample, "x")
     assert denied.status == "failed" and "HTTP 401" in denied.error and FakeJudge.hits["denied"] == 1
+
+
+# ----------------------------------------------------------------------------- the shared OpenAI-compatible client
+
+
+class ScriptedEndpoint(BaseHTTPRequestHandler):
+    """Answers each request with the next (status, body, headers) of `script`; "hang" sleeps past
+    the client's timeout. Records the paths it was asked for."""
+
+    script: list = []
+    paths: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self):
+        ScriptedEndpoint.paths.append(self.path)
+        if self.headers.get("Content-Length"):
+            self.rfile.read(int(self.headers["Content-Length"]))
+        status, body, headers = ScriptedEndpoint.script.pop(0) if ScriptedEndpoint.script else (200, {}, {})
+        if status == "hang":
+            time.sleep(1.0)
+            status = 200
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        try:
+            self.send_response(status)
+            for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up first
+            pass
+
+    do_GET = do_POST = _reply
+
+
+@pytest.fixture
+def endpoint():
+    ScriptedEndpoint.script, ScriptedEndpoint.paths = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedEndpoint)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def _client(url, **kw):
+    from megatron_vr1.openai_client import OpenAIClient
+
+    slept: list[float] = []
+    kw = {"timeout_s": 5, "max_retries": 3, "backoff_s": 0.01, "jitter": 0.0, "sleep": slept.append, **kw}
+    return OpenAIClient(url, **kw), slept
+
+
+OK_REPLY = {"choices": [{"index": 0, "message": {"content": "hi"}}]}
+
+
+def test_openai_client_retries_429_5xx_and_bad_replies_with_exponential_backoff(endpoint):
+    from megatron_vr1.openai_client import BadReply
+
+    client, slept = _client(endpoint + "/chat/completions/", max_backoff_s=0.03)  # a full URL is cut to its base
+    ScriptedEndpoint.script = [(429, {"error": "slow down"}, {}), (503, {}, {}), (200, b"<html>", {}),
+                               (200, OK_REPLY, {})]
+    reply = client.chat_completions({"model": "m"}, parse=lambda d: d["choices"][0]["message"]["content"])
+    assert (reply.data, reply.attempts) == ("hi", 4)
+    assert slept == pytest.approx([0.01, 0.02, 0.03])  # 0.01 * 2**k, capped at max_backoff_s
+    assert ScriptedEndpoint.paths == ["/v1/chat/completions"] * 4
+    # a reply of the wrong shape (parse raises) is retried too, then fails naming the URL
+    ScriptedEndpoint.script = [(200, {"choices": []}, {})] * 2
+
+    def parse(d):
+        if not d["choices"]:
+            raise BadReply("no choices")
+
+    client, slept = _client(endpoint, max_retries=1)
+    with pytest.raises(Exception) as info:
+        client.chat_completions({}, parse=parse)
+    assert f"POST {endpoint}/chat/completions failed after 2 attempts" in str(info.value)
+    assert "no choices" in str(info.value) and info.value.attempts == 2 and slept == [0.01]
+    # Retry-After (seconds) is honoured, up to the cap
+    client, slept = _client(endpoint, max_backoff_s=5)
+    ScriptedEndpoint.script = [(429, {}, {"Retry-After": "2"}), (200, {"data": [{"id": "a"}, {"id": "b"}]}, {})]
+    assert client.model_ids() == ["a", "b"] and slept == [2.0]
+    # jitter only lengthens a delay, by less than its share
+    jittery, _ = _client(endpoint, backoff_s=1.0, jitter=0.5, max_backoff_s=60)
+    assert all(4.0 <= jittery.backoff(3) < 6.0 for _ in range(20))
+
+
+def test_openai_client_fails_at_once_on_other_4xx_and_names_the_url(endpoint):
+    from megatron_vr1.openai_client import EndpointError
+
+    client, slept = _client(endpoint, api_key="k")
+    ScriptedEndpoint.script = [(401, {"error": "bad key"}, {})]
+    with pytest.raises(EndpointError) as info:
+        client.chat_completions({})
+    e = info.value
+    assert (e.status, e.attempts, slept, len(ScriptedEndpoint.paths)) == (401, 1, [], 1)
+    assert str(e).startswith(f"POST {endpoint}/chat/completions failed: HTTP 401") and "bad key" in str(e)
+    assert "not retried" in str(e)
+    with pytest.raises(ValueError, match="must start with http"):
+        _client("127.0.0.1:8000/v1")
+
+
+def test_openai_client_retries_timeouts_and_connection_errors(endpoint):
+    from megatron_vr1.openai_client import EndpointError
+
+    client, slept = _client(endpoint, timeout_s=0.2, max_retries=1)
+    ScriptedEndpoint.script = [("hang", OK_REPLY, {}), (200, OK_REPLY, {})]
+    assert client.chat_completions({}).attempts == 2 and slept == [0.01]
+    ScriptedEndpoint.script = [("hang", OK_REPLY, {})] * 2
+    with pytest.raises(EndpointError, match=r"failed after 2 attempts: timed out after 0.2 s"):
+        client.chat_completions({})
+    # nothing listens on this port: a connection error, retried, and the message names the URL
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    client, slept = _client(dead, max_retries=2)
+    with pytest.raises(EndpointError) as info:
+        client.model_ids()
+    assert str(info.value).startswith(f"GET {dead}/models failed after 3 attempts: connection error")
+    assert slept == [0.01, 0.02] and info.value.status is None
 
 
 # ----------------------------------------------------------------------------- CLI: re-scoring with known results
@@ -392,7 +516,7 @@ def test_tiny_model_end_to_end_from_a_megatron_checkpoint(tmp_path, tiny_mcore):
                                                  "dynamath": 6}
     assert summary["settings"]["temperature"] == 0.6 and summary["settings"]["top_p"] == 0.95
     assert summary["model_size"] is None and summary["paper"] == {}
-    from megatron_vr1.eval.runner import Generation, build_prompt, prompt_tokens, score_records
+    from megatron_vr1.eval.runner import Generation, prompt_tokens, sample_prompt, score_records
     from megatron_vr1.hf_processor import load_processor
 
     processor = load_processor(tiny_mcore / "hf")
@@ -402,7 +526,7 @@ def test_tiny_model_end_to_end_from_a_megatron_checkpoint(tmp_path, tiny_mcore):
         assert len(records) == s["n"]
         loaded = load_benchmark(bench, FIXTURES)
         for x, r in zip(loaded.samples, records):
-            estimate = prompt_tokens(build_prompt(x, processor, None), processor)
+            estimate = prompt_tokens(sample_prompt(x, processor, None), processor)
             if r["finish_reason"] == "prompt_too_long":  # not sent to the engine
                 assert estimate >= MAX_LEN and r["response_tokens"] == 0 and not r["correct"]
                 too_long += 1

@@ -318,3 +318,37 @@ def test_score_batch(checker):
 
 def test_reward_names_match_config():
     assert set(REWARDS) == set(typing.get_args(typing.get_type_hints(GRPOConfig)["reward"]))
+
+
+# ----------------------------------------------------------------------------- one letter parser
+
+LETTER_TEXTS = {  # answer text -> the option letter both paths must read from it (None: no letter)
+    "B": "B", "(B)": "B", "B.": "B", "B)": "B", "B: 12": "B", "B. 12 cm": "B", "(B) 12 cm": "B",
+    "Option B": "B", "option (B)": "B", "The answer is B.": "B", "The correct answer is option B": "B",
+    "Final Answer: (C)": "C", "\\text{D}": "D", "**E**": "E", "$A$": "A", "\\boxed{H}": "H", "C: 60°": "C",
+    "(A) yes": "A",
+    "b": None, "(b)": None, "B and C": None, "A triangle": None, "B 12": None, "Both": None, "Optional B": None,
+    "12 cm": None, "I": None, "": None,
+}
+
+
+def test_rewards_and_benchmark_scorer_read_the_same_option_letters(checker):
+    """The same texts through the GRPO reward (HFRRF against each letter truth) and through the
+    benchmark scorer (a multiple-choice sample per letter): both award exactly the letter
+    `option_letter` reads, and nothing for a text without one."""
+    from megatron_vr1.eval.loaders import LETTERS, EvalSample
+    from megatron_vr1.eval.scoring import extract_prediction, score_sample
+    from megatron_vr1.rewards.answer import option_letter
+
+    letters = LETTERS[:8]
+    assert letters == "ABCDEFGH"
+    texts = list(LETTER_TEXTS)
+    responses = [f"<think>reasoning</think><answer>{t}</answer>" for t in texts]
+    for truth in letters:
+        rewards = score_batch(responses, [truth] * len(texts), checker=checker)
+        sample = EvalSample("bench", "0", "<image>q", [], truth, "choice", "q")
+        for text, response, reward in zip(texts, responses, rewards):
+            scorer = score_sample(sample, extract_prediction(response).text, checker).correct
+            expected = LETTER_TEXTS[text] == truth
+            assert (reward.reward == 1.0, scorer, option_letter(text) == truth) == (expected,) * 3, (text, truth)
+    assert [option_letter(t) for t in texts] == list(LETTER_TEXTS.values())

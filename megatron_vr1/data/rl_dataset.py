@@ -1,6 +1,6 @@
 """RL rows (Vision-R1-rl / geometry3k parquet schema), their chat prompts, and the prompt order.
 
-Schema (REFERENCE.md section 3), one row per problem:
+Schema (Vision-R1-rl; docs/method.md, "Data rows"), one row per problem:
 
 * `images`: a list of images, each a Hugging Face `Image` cell (`{"bytes": ..., "path": ...}`;
   a cell with no bytes is read from `path`, relative to the parquet's folder) or raw bytes.
@@ -10,7 +10,7 @@ Schema (REFERENCE.md section 3), one row per problem:
 * `answer`: the ground truth, a string (numbers are converted with `str`).
 
 A missing column is a file-level error (`ValueError` listing the columns found). Bad rows are
-counted by reason, logged in one summary line per file and skipped (DESIGN.md section 5):
+counted by reason, logged in one summary line per file and skipped (docs/design.md, "Bad input"):
 `no_images`, `placeholder_mismatch` (count of `<image>` != number of images), `missing_problem`,
 `missing_answer` (null or blank), `undecodable_image`. A file with no good row raises
 `ValueError` naming the file and the most common reason.
@@ -38,7 +38,6 @@ IMAGE_COLUMNS = ("images", "image")
 """Accepted image columns, in order of preference (`image`: one image per row)."""
 PROBLEM_COLUMNS = ("problem", "question")
 ANSWER_COLUMN = "answer"
-
 
 
 @dataclass

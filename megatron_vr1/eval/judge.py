@@ -4,29 +4,25 @@ MathVista and MathVerse were scored in the papers by a GPT model that extracts a
 answer. `JudgeClient` sends the question, the ground truth and the model's response (its last
 `MAX_RESPONSE_CHARS` characters) and asks for one word, CORRECT or INCORRECT (`parse_verdict`).
 
-Each request has a timeout (`timeout_s`); a timeout, a connection error, HTTP 408/409/429/5xx or
-a reply that is not chat-completions JSON is retried `retries` times with exponential back-off;
-other HTTP errors (401, 404, ...) fail at once. A request that still fails is recorded as
-`status="failed"` with the error; the rule-based score is unaffected. The API key is read from
-an environment variable, never from the command line.
+The HTTP side is `megatron_vr1.openai_client.OpenAIClient`: a timeout per request (`timeout_s`);
+a timeout, a connection error, HTTP 408/409/429/5xx or a reply that is not chat-completions JSON
+is retried `retries` times with exponential back-off; other HTTP errors (401, 404, ...) fail at
+once. A request that still fails is recorded as `status="failed"` with the error; the
+rule-based score is unaffected. The API key is read from an environment variable, never from
+the command line.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import socket
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from megatron_vr1.eval.loaders import LETTERS, EvalSample
+from megatron_vr1.openai_client import EndpointError, OpenAIClient, base_url
 
 MAX_RESPONSE_CHARS = 6000
 """The judge sees the end of a long response (where the answer is)."""
-RETRYABLE_HTTP = (408, 409, 429)
 
 SYSTEM = (
     "You grade answers to math problems. Compare the final answer in the model's response with the "
@@ -49,16 +45,9 @@ class JudgeResult:
         return asdict(self)
 
 
-class JudgeError(RuntimeError):
-    pass
-
-
 def chat_completions_url(base: str) -> str:
     """"http://host:8000/v1" -> "http://host:8000/v1/chat/completions" (a full URL is kept)."""
-    base = base.strip().rstrip("/")
-    if not re.match(r"^https?://", base):
-        raise ValueError(f"--judge-url {base!r} must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
-    return base if base.endswith("/chat/completions") else base + "/chat/completions"
+    return base_url(base, "--judge-url") + "/chat/completions"
 
 
 def judge_messages(sample: EvalSample, response: str) -> list[dict]:
@@ -99,45 +88,22 @@ class JudgeClient:
         if not model:
             raise ValueError("--judge-model is required with --judge-url (the model name the endpoint serves)")
         self.url = chat_completions_url(url)
-        self.model, self.api_key = model, api_key
-        self.timeout_s, self.retries, self.backoff_s, self.max_tokens = timeout_s, retries, backoff_s, max_tokens
+        self.model, self.max_tokens = model, max_tokens
+        self.retries = retries
+        self.client = OpenAIClient(self.url, api_key=api_key, timeout_s=timeout_s, max_retries=retries,
+                                   backoff_s=backoff_s, name="judge")
 
     def complete(self, messages: list[dict]) -> tuple[str, int]:
-        """(reply text, attempts used); JudgeError after the last retry."""
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0,
-                           "max_tokens": self.max_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        error = "no attempt"
-        for attempt in range(1, self.retries + 2):
-            if attempt > 1:
-                time.sleep(self.backoff_s * 2 ** (attempt - 2))
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-                    data = json.loads(reply.read().decode("utf-8"))
-                return str(data["choices"][0]["message"]["content"] or ""), attempt
-            except urllib.error.HTTPError as e:
-                error = f"HTTP {e.code} {e.reason}"
-                if e.code not in RETRYABLE_HTTP and e.code < 500:
-                    raise JudgeError(f"{error} from {self.url} (not retried)") from None
-            except (TimeoutError, socket.timeout):
-                error = f"timed out after {self.timeout_s:g} s"
-            except urllib.error.URLError as e:
-                error = (f"timed out after {self.timeout_s:g} s" if isinstance(e.reason, (TimeoutError, socket.timeout))
-                         else f"connection error: {e.reason}")
-            except (ConnectionError, OSError) as e:
-                error = f"connection error: {e}"
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                error = f"not a chat-completions reply ({type(e).__name__}: {e})"
-        raise JudgeError(f"{error} ({self.retries + 1} attempts to {self.url})")
+        """(reply text, attempts used); `openai_client.EndpointError` after the last retry."""
+        body = {"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": self.max_tokens}
+        reply = self.client.chat_completions(body, parse=lambda d: str(d["choices"][0]["message"]["content"] or ""))
+        return reply.data, reply.attempts
 
     def judge(self, sample: EvalSample, response: str) -> JudgeResult:
         try:
             reply, attempts = self.complete(judge_messages(sample, response))
-        except JudgeError as e:
-            return JudgeResult(None, "failed", self.retries + 1 if "not retried" not in str(e) else 1, str(e))
+        except EndpointError as e:
+            return JudgeResult(None, "failed", e.attempts, str(e))
         verdict = parse_verdict(reply)
         return JudgeResult(verdict, "ok" if verdict is not None else "unparsable", attempts, None, reply)
 

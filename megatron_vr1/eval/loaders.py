@@ -341,7 +341,7 @@ def parse_mathverse(key: str, row: dict, base: Path) -> EvalSample:
 
 
 MMMATH_TOLERANCE = 1e-2
-"""MM-Math's outcome evaluation compares numbers with precision 1e-2 (REFERENCE section 4)."""
+"""MM-Math's outcome evaluation compares numbers with precision 1e-2 (docs/method.md, "Evaluation")."""
 
 
 def parse_mmmath(key: str, row: dict, base: Path) -> EvalSample:

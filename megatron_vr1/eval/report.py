@@ -22,7 +22,7 @@ PAPER = {
         "Vision-R1-72B": {"mathvista": 78.2, "mathverse": 63.2, "mmmath": 59.3},
     },
 }
-"""Reported accuracy (%) by model size (REFERENCE section 4, Vision-R1 README)."""
+"""Reported accuracy (%) by model size (Vision-R1 README; docs/method.md, "Evaluation")."""
 
 SIZES = {(2048, 36): "3B", (3584, 28): "7B", (5120, 64): "32B", (8192, 80): "72B"}
 """(text hidden size, layers) of the Qwen2.5-VL family -> size name."""

