@@ -53,8 +53,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
+def quiet_libraries() -> None:
+    """Console hygiene for every command: vLLM logs to stderr (stdout carries our progress lines and
+    results), and megatron-core's import-time notices that are expected on this stack (no Apex /
+    Transformer Engine on CPU) are dropped; real warnings still show."""
+    import os
+    import warnings
+
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    for text in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                 "Transformer Engine is not installed", "Detected Megatron Core"):
+        warnings.filterwarnings("ignore", message=f".*{text}.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_libraries()
     top = _top_parser()
     if not argv or argv[0] not in COMMANDS:
         top.parse_args(argv)  # prints help, or "invalid choice" and exits 2

@@ -182,9 +182,9 @@ class GRPOConfig:
     kl_beta: float = 1e-2
     """Weight of the KL(policy || reference) loss term; 0 skips the reference model."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """Per-token KL estimator; k3 = ref/pi - log(ref/pi) - 1."""
+    """Per-token KL(pi || ref) estimator with r = ref/pi: k1 = -log r, k2 = (log r)^2 / 2, k3 = r - log r - 1."""
     entropy_coef: float = 0.0
-    """Entropy bonus weight (entropy is logged either way)."""
+    """Entropy bonus: the loss subtracts entropy_coef x the mean token entropy (logged either way)."""
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     """Mean over all tokens of the global batch, or over tokens per sequence then over sequences."""
     minibatch_prompts: int = 128
@@ -193,6 +193,17 @@ class GRPOConfig:
     """Passes over each rollout batch."""
     tis_cap: float | None = None
     """Truncated importance sampling: weight each token by min(exp(old - engine logp), cap); null: off."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (zero advantage) and refill the step by sampling more prompts (DAPO)."""
+    max_resample_rounds: int = 3
+    """Dynamic sampling: at most this many extra rollout rounds per step; the step then trains on what it has."""
+    overlong_buffer: int = 0
+    """Soft overlong punishment (DAPO): a response longer than max_response_length - overlong_buffer tokens
+    loses reward linearly, down to -overlong_penalty at the cap; 0: off."""
+    overlong_penalty: float = 1.0
+    """Reward lost by a response that reaches the length cap when overlong_buffer > 0."""
+    mask_truncated: bool = False
+    """Truncated responses (hit the length cap) get no loss at all instead of their (zero) reward's advantage."""
 
     def __post_init__(self):
         _check_fields(self, "grpo")
@@ -205,6 +216,9 @@ class GRPOConfig:
         _at_least(self, "grpo", "entropy_coef", 0)
         _at_least(self, "grpo", "minibatch_prompts", 1)
         _at_least(self, "grpo", "epochs_per_rollout", 1)
+        _at_least(self, "grpo", "max_resample_rounds", 0)
+        _at_least(self, "grpo", "overlong_buffer", 0)
+        _at_least(self, "grpo", "overlong_penalty", 0)
         if self.tis_cap is not None and self.tis_cap < 1:
             raise ValueError(f"grpo.tis_cap ({self.tis_cap}) must be >= 1 (or null to turn it off)")
 
@@ -277,6 +291,8 @@ class RolloutConfig:
     """vLLM on GPU: fraction of GPU memory for its weights and KV cache while rolling out."""
     kv_cache_gib: float | None = None
     """vLLM KV-cache size in GiB; null: derived from gpu_memory_utilization (GPU). Set it on CPU."""
+    tensor_parallel_size: int | None = None
+    """Tensor parallelism of each rollout engine replica (world size / this = replicas); null: parallel.tp."""
 
     def __post_init__(self):
         _check_fields(self, "rollout")
@@ -290,6 +306,8 @@ class RolloutConfig:
             )
         if self.kv_cache_gib is not None:
             _positive(self, "rollout", "kv_cache_gib")
+        if self.tensor_parallel_size is not None:
+            _at_least(self, "rollout", "tensor_parallel_size", 1)
 
 
 @dataclass(kw_only=True)
@@ -317,9 +335,8 @@ class CheckpointConfig:
     save_interval: int = 50
     """Save every this many steps, and always at the end of each PTST stage and of the run."""
     keep_last: int = 0
-    """Keep the newest this many checkpoints; 0 keeps all."""
-    async_save: bool = False
-    """Write checkpoints in the background (megatron-core async distributed checkpointing)."""
+    """Keep the newest this many periodic step checkpoints (RL and SFT); stage ends, `best`, `sft_final`
+    and the one `latest` names are never deleted. 0 keeps all."""
 
     def __post_init__(self):
         _check_fields(self, "checkpoint")
@@ -330,7 +347,8 @@ class CheckpointConfig:
 @dataclass(kw_only=True)
 class LoggingConfig:
     log_interval: int = 1
-    """Write metrics (TensorBoard always, W&B if set) every this many steps."""
+    """Write metrics (TensorBoard and metrics.jsonl always, W&B if set) every this many steps, RL and SFT
+    alike, and at the last step of each stage/run; the console progress line prints every step."""
     val_interval: int = 0
     """Every this many RL steps, greedy accuracy on data.val_path; 0: never."""
     wandb_project: str | None = None
@@ -717,130 +735,11 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
-# Architecture from the HF checkpoint
+# Architecture from the HF checkpoint: read by `checkpoints_conv.arch` (the converter and the
+# model share one definition); re-exported here for the trainer's callers.
 # --------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class TextArch:
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    ffn_hidden_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    mrope_section: tuple[int, ...]
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-
-
-@dataclass(frozen=True)
-class VisionArch:
-    depth: int
-    hidden_size: int
-    num_heads: int
-    intermediate_size: int
-    out_hidden_size: int
-    patch_size: int
-    temporal_patch_size: int
-    spatial_merge_size: int
-    window_size: int
-    fullatt_block_indexes: tuple[int, ...]
-    in_channels: int
-    rope_theta: float = 10000.0
-
-
-@dataclass(frozen=True)
-class HFArch:
-    """Qwen2.5-VL architecture as transformers 5.19 reads it from config.json."""
-
-    path: Path
-    text: TextArch
-    vision: VisionArch
-    image_token_id: int
-    video_token_id: int
-    vision_start_token_id: int
-
-
-# transformers 5.19 defaults (configuration_qwen2_5_vl.py), used for keys a config.json lacks so
-# that we read exactly the model that `from_pretrained` builds.
-_TEXT_DEFAULTS = dict(
-    vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-    num_attention_heads=64, num_key_value_heads=None, max_position_embeddings=32768,
-    rms_norm_eps=1e-5,
-)  # fmt: skip
-_VISION_DEFAULTS = dict(
-    depth=32, hidden_size=3584, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
-    spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=3584,
-    fullatt_block_indexes=[7, 15, 23, 31],
-)  # fmt: skip
-
-
-def load_hf_arch(hf_path: str | os.PathLike) -> HFArch:
-    """Reads a Qwen2.5-VL config.json: transformers-5 style (text_config/vision_config) or the
-    older flat style (text fields at the top level, rope_scaling, vision in_chans)."""
-    path = Path(hf_path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(
-            f"model.hf_path={path}: no config.json there; point model.hf_path at a Hugging Face "
-            "Qwen2.5-VL checkpoint folder (e.g. a download of Qwen/Qwen2.5-VL-7B-Instruct), or "
-            "build the tiny CPU model first with `megatron-vr1 tiny-model`"
-        )
-    raw = json.loads(cfg_file.read_text())
-    if raw.get("model_type") != "qwen2_5_vl":
-        raise ValueError(
-            f"{cfg_file}: model_type is {raw.get('model_type')!r} "
-            f"(architectures {raw.get('architectures')}), expected 'qwen2_5_vl'; megatron-vr1 "
-            "trains Qwen2.5-VL checkpoints only: point model.hf_path at one"
-        )
-    # Like transformers: a text_config dict wins and the top-level text keys are then ignored.
-    text = raw["text_config"] if isinstance(raw.get("text_config"), dict) else raw
-    t = {k: text.get(k, d) for k, d in _TEXT_DEFAULTS.items()}
-    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
-    hidden, heads = t["hidden_size"], t["num_attention_heads"]
-    if hidden % heads:
-        raise ValueError(
-            f"{cfg_file}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads})"
-        )
-    head_dim = hidden // heads  # HF's Qwen2.5-VL attention ignores any head_dim key
-    mrope = tuple(rope.get("mrope_section", (16, 24, 24)))
-    if sum(mrope) != head_dim // 2:
-        raise ValueError(
-            f"{cfg_file}: mrope_section {list(mrope)} sums to {sum(mrope)}, but it must sum to "
-            f"head_dim/2 = {head_dim // 2} (hidden_size {hidden} / {heads} heads / 2)"
-        )
-    text_arch = TextArch(
-        hidden_size=hidden,
-        num_layers=t["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=t["num_key_value_heads"] or heads,
-        head_dim=head_dim,
-        ffn_hidden_size=t["intermediate_size"],
-        vocab_size=t["vocab_size"],
-        rms_norm_eps=float(t["rms_norm_eps"]),
-        rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 1e6))),
-        mrope_section=mrope,
-        # pre-v5 saves put tie_word_embeddings in text_config; transformers 5 ORs the two
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings") or text.get("tie_word_embeddings")),
-        max_position_embeddings=t["max_position_embeddings"],
-    )
-    vis = raw.get("vision_config") or {}
-    v = {k: vis.get(k, d) for k, d in _VISION_DEFAULTS.items()}
-    v["in_channels"] = vis.get("in_channels", vis.get("in_chans", 3))
-    v["fullatt_block_indexes"] = tuple(v["fullatt_block_indexes"])
-    v["rope_theta"] = float((vis.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    return HFArch(
-        path=path,
-        text=text_arch,
-        vision=VisionArch(**v),
-        image_token_id=raw.get("image_token_id", 151655),
-        video_token_id=raw.get("video_token_id", 151656),
-        vision_start_token_id=raw.get("vision_start_token_id", 151652),
-    )
+from checkpoints_conv.arch import HFArch, TextArch, VisionArch, load_hf_arch  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Everything megatron-core needs to run without CUDA, in one place.
 
 `setup()` is a no-op when CUDA is available. On a CPU-only torch it installs these shims
-(DESIGN.md section 2 lists the facts they answer):
+(docs/cpu.md lists the facts they answer):
 
 - `torch.cuda.current_device()` returns the CPU device: megatron-core passes it as a `device=`
   argument (rotary buffers, TP comm buffers, p2p shape exchange, linear weight init).

@@ -118,8 +118,8 @@ def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: 
     from megatron_vr1.hf_processor import load_processor
     from megatron_vr1.models.qwen25_vl.io import load_weights, make_inputs
     from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
-    from megatron_vr1.rl.forward import sequence_logprobs
-    from megatron_vr1.rl.logprobs import tp_group, vocab_parallel_logprobs
+    from megatron_vr1.trainer.forward import sequence_logprobs
+    from megatron_vr1.trainer.logprobs import tp_group, vocab_parallel_logprobs
     from megatron_vr1.rollout.engine import EngineWeightsInconsistent, RolloutPrompt, SamplingSettings
     from megatron_vr1.rollout.resync import hf_buckets
     from megatron_vr1.rollout.vllm_engine import VLLMEngine
@@ -277,8 +277,10 @@ def update_invariance(hf_dir: str, mcore_dir: str, layouts: list) -> dict:
     from megatron_vr1.config import load_hf_arch
     from megatron_vr1.models.qwen25_vl.io import load_weights, make_inputs
     from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
-    from megatron_vr1.rl.forward import sequence_logprobs
-    from megatron_vr1.rl.update import LossSettings, PolicyMicroBatch, build_optimizer, policy_update, wrap_ddp
+    from megatron_vr1.trainer.forward import sequence_logprobs
+    from megatron_vr1.config import OptimConfig
+    from megatron_vr1.rl.update import LossSettings, PolicyMicroBatch, policy_update
+    from megatron_vr1.trainer.core import build_optimizer, wrap_ddp
 
     arch = load_hf_arch(hf_dir)
     ps_ = {p.name: p.inputs for p in probes(hf_dir)}
@@ -305,8 +307,8 @@ def update_invariance(hf_dir: str, mcore_dir: str, layouts: list) -> dict:
 
         dp = ps.get_data_parallel_world_size()
         gt = float(sum(mb.loss_mask_BT.sum() for mb in mbs)) * dp
-        ddp = wrap_ddp(model, model.config)
-        opt = build_optimizer(ddp, lr=1e-3, weight_decay=0.0)
+        ddp = wrap_ddp(model)
+        opt = build_optimizer(ddp, OptimConfig(lr=1e-3, weight_decay=0.0))
         m = policy_update(ddp, opt, mbs, arch, LossSettings(clip_low=0.2, clip_high=0.2, kl_beta=0.01),
                           global_tokens=gt, global_seqs=2 * dp, seq_length=S)
         after = [float((sequence_logprobs(model, arch, mb.inputs) * mb.loss_mask_BT).sum()) for mb in mbs]
@@ -322,7 +324,7 @@ def vocab_parallel_vs_full(vocab_size: int, padded: int, temperature: float) -> 
     import torch.distributed as dist
 
     from megatron_vr1.rl.grpo import entropy, token_logprobs
-    from megatron_vr1.rl.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
+    from megatron_vr1.trainer.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
 
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(0)
@@ -349,3 +351,117 @@ def vocab_parallel_vs_full(vocab_size: int, padded: int, temperature: float) -> 
         "entropy": float((ent - entropy(full, vocab_size)).abs().max()),
         "finite": bool(torch.isfinite(lp).all() and torch.isfinite(ent).all()),
     }
+
+
+def engine_replicas(hf_dir: str, mcore_dir: str, rollout_tp: int, layouts: list, greedy_tokens: int = 16) -> dict:
+    """One vLLM engine per rollout-TP group (`world / rollout_tp` replicas, external_launcher when
+    the world has more than one rank) next to the Megatron trainer at each (tp, pp) layout.
+    Returns, on every rank: the greedy rollouts of a fixed prompt set (each replica generated its
+    slice, gathered with `replicas.generate_groups`), and for each layout the max |engine - trainer|
+    logprob of engine-sampled tokens before and after one gradient step + resync (full HF buckets
+    into every shard), and a check that an asleep engine refuses to generate."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from checkpoints_conv.verify import _image
+    from megatron_vr1.config import load_hf_arch
+    from megatron_vr1.hf_processor import load_processor
+    from megatron_vr1.models.qwen25_vl.io import load_weights, make_inputs
+    from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
+    from megatron_vr1.rollout.engine import RolloutPrompt, SamplingSettings
+    from megatron_vr1.rollout.replicas import ReplicaLayout, generate_groups
+    from megatron_vr1.rollout.resync import hf_buckets
+    from megatron_vr1.rollout.vllm_engine import VLLMEngine
+    from megatron_vr1.trainer.forward import sequence_logprobs
+    from megatron_vr1.trainer.logprobs import tp_group, vocab_parallel_logprobs
+
+    tp0, pp0 = layouts[0]
+    _init_layout(tp0, pp0)
+    arch = load_hf_arch(hf_dir)
+    engine = VLLMEngine(hf_dir, arch, max_model_len=512, kv_cache_bytes=16 * 2**20, tensor_parallel_size=rollout_tp)
+    proc = load_processor(hf_dir)
+    lay = ReplicaLayout.current(rollout_tp)
+
+    def chat(text, n_images):
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+        return proc.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+
+    prompts = [RolloutPrompt(chat("How many red shapes are there?", 0)),
+               RolloutPrompt(chat("How many red shapes are there?", 1), [_image(112, 112, 7)]),
+               RolloutPrompt(chat("How many blue circles are there?", 1), [_image(112, 112, 9)]),
+               RolloutPrompt(chat("Count the squares.", 0))]
+    everything = list(range(len(prompts)))
+    out: dict = {"replica": lay.replica, "replicas": lay.replicas, "shard": lay.shard}
+    greedy = generate_groups(engine, len(prompts), prompts.__getitem__,
+                             SamplingSettings(n=1, max_tokens=greedy_tokens, temperature=0.0), everything)
+    out["greedy"] = [g[0].response_ids for g in greedy]
+    out["greedy_has_images"] = [len(g[0].images) for g in greedy] == [len(p.images) for p in prompts]
+    sampled = generate_groups(engine, len(prompts), prompts.__getitem__,
+                              SamplingSettings(n=2, max_tokens=10, temperature=1.0, seed=3), everything)
+    pairs = [(p, r) for p, g in zip(prompts, sampled) for r in g if r.response_ids]
+
+    engine.sleep()
+    try:
+        engine.generate(prompts[:1], SamplingSettings(max_tokens=2))
+        out["asleep_refused"] = False
+    except RuntimeError:
+        out["asleep_refused"] = True
+    engine.wake_up()
+
+    def maxdiff(a, b):
+        return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+    for k, (tp, pp) in enumerate(layouts):
+        _init_layout(tp, pp)
+        model = build_model(arch, ModelOptions(tp=tp, pp=pp))
+        load_weights(model, mcore_dir)
+        if k:  # the engine holds the previous layout's stepped weights: start from this model's
+            engine.update_weights(hf_buckets(model, arch, bucket_bytes=1 << 20))
+
+        def megatron_lp():
+            res = []
+            for p, r in pairs:
+                enc = proc(text=[p.text], images=p.images or None, return_tensors="pt")
+                assert enc["input_ids"][0].tolist() == r.prompt_ids, "processor and engine disagree on prompt ids"
+                ids = torch.tensor([r.prompt_ids + r.response_ids])
+                inp = make_inputs(arch, ids, None, enc.get("pixel_values"), enc.get("image_grid_thw"))
+                res.append(sequence_logprobs(model, arch, inp)[0, len(r.prompt_ids) - 1:])
+            return res
+
+        def engine_lp():
+            return [torch.tensor(x) for x in engine.prompt_logprobs([p for p, _ in pairs], [r.response_ids for _, r in pairs])]
+
+        before = megatron_lp()
+        res = {"before": maxdiff(before, engine_lp()),
+               "sampled_vs_megatron": maxdiff(before, [torch.tensor(r.response_logprobs) for _, r in pairs])}
+        p, r = next((p, r) for p, r in pairs if p.images)
+        enc = proc(text=[p.text], images=p.images, return_tensors="pt")
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        inp = make_inputs(arch, ids, None, enc["pixel_values"], enc["image_grid_thw"])
+        model.zero_grad()
+
+        def forward_step(data_iterator, model_):
+            logits = model_(next(data_iterator))
+
+            def loss_fn(output):
+                lp = vocab_parallel_logprobs(output[:, :-1], ids[:, 1:], vocab_size=arch.text.vocab_size, group=tp_group())
+                loss = -lp[:, len(r.prompt_ids) - 1:].sum()
+                return loss, {"loss": loss.detach()}
+
+            return logits, loss_fn
+
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([inp]), model=[model],
+                                    num_microbatches=1, seq_length=ids.shape[1], micro_batch_size=1, forward_only=False)
+        with torch.no_grad():
+            for prm in model.parameters():
+                if prm.grad is not None and prm.requires_grad:
+                    prm.add_(prm.grad, alpha=-0.05)
+        after = megatron_lp()
+        res["step_changed_logprobs_by"] = maxdiff(after, before)
+        engine.sleep()  # the loop's order: asleep while training, awake for the resync
+        engine.wake_up()
+        res["resync_tensors"] = engine.update_weights(hf_buckets(model, arch, bucket_bytes=1 << 20)).tensors
+        res["after"] = maxdiff(after, engine_lp())
+        out[f"tp{tp}pp{pp}"] = res
+    dist.barrier()
+    engine.shutdown()
+    return out

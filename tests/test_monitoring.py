@@ -228,3 +228,24 @@ def test_report_without_metrics_is_a_clear_error(tmp_path, capsys):
         assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(tmp_path / "metrics.jsonl") in err
+
+
+def test_progress_lines_when_not_a_terminal():
+    """One plain line per step (Slurm logs, piped consoles) with the fields, elapsed time and ETA."""
+    import io
+
+    from megatron_vr1.monitoring.progress import Progress, format_seconds
+
+    out = io.StringIO()
+    p = Progress(10, "rl step", start=2, stream=out, tty=False)
+    p.update(3, {"stage": "1/2", "reward": "0.500"})
+    p.update(4, {"stage": "1/2", "reward": "0.625"})
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("rl step 3/10 | stage 1/2 | reward 0.500 | elapsed ")
+    assert "| eta " in lines[1] and "?" not in lines[1]
+    assert format_seconds(3725) == "1:02:05" and format_seconds(65) == "1:05"
+    quiet = io.StringIO()
+    Progress(5, "sft step", stream=quiet, tty=False, enabled=False).update(1, {"loss": "1"})
+    assert quiet.getvalue() == ""  # only global rank 0 prints

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from types import SimpleNamespace
 import torch
 
 from megatron_vr1.config import load_hf_arch
@@ -116,14 +117,15 @@ def test_packed_row_equals_separate_examples(tiny_hf, tiny_mcore, sft_data, sing
 def test_micro_batch_split_gives_the_same_step(tiny_hf, tiny_mcore, sft_data, single_rank):
     """The loss scaling: one step over 4 packed rows as 4 micro-batches of 1 row, or 2 of 2, gives
     the same global token-mean loss and gradient norm."""
-    from megatron_vr1.rl.update import build_optimizer, wrap_ddp
-    from megatron_vr1.sft.loop import micro_batches, sft_step
+    from megatron_vr1.config import OptimConfig
+    from megatron_vr1.sft.loop import micro_batches, sft_loss_fn
+    from megatron_vr1.trainer.core import build_optimizer, optimizer_step, wrap_ddp
 
     arch = load_hf_arch(tiny_hf)
     examples, pad = _examples(tiny_hf, sft_data, 7)
     model = _model(tiny_hf, tiny_mcore)
-    ddp = wrap_ddp(model, model.config)
-    opt = build_optimizer(ddp, lr=1e-3)
+    ddp = wrap_ddp(model)
+    opt = build_optimizer(ddp, OptimConfig(lr=1e-3))
     for g in opt.param_groups:
         g["lr"] = 0.0  # AdamW with lr 0 leaves the weights as they are
     results = []
@@ -131,7 +133,9 @@ def test_micro_batch_split_gives_the_same_step(tiny_hf, tiny_mcore, sft_data, si
         mbs = micro_batches(examples, arch, 260, mbs_size, pad)
         assert sum(mb.inputs.input_ids_BS.shape[0] for mb in mbs) == 4 and len(mbs) == 4 // mbs_size
         tokens = float(sum(mb.loss_mask_BT.sum() for mb in mbs))
-        results.append(sft_step(ddp, opt, mbs, arch, tokens, max(mb.inputs.input_ids_BS.shape[1] for mb in mbs)))
+        out = optimizer_step(ddp, opt, mbs, sft_loss_fn(arch, tokens), max(mb.inputs.input_ids_BS.shape[1] for mb in mbs),
+                             n_sums=1)
+        results.append(SimpleNamespace(loss=float(out.sums[0]) / tokens, grad_norm=out.grad_norm))
     (a, b) = results
     assert a.loss == pytest.approx(b.loss, abs=1e-6) and a.loss > 4
     assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)

@@ -1,4 +1,4 @@
-"""Cold-start data by modality bridging (Vision-R1, REFERENCE.md section 1), sharded and resumable.
+"""Cold-start data by modality bridging (Vision-R1, docs/method.md), sharded and resumable.
 
 Per (image, question, answer) row:
   1. the MLLM writes a pseudo-CoT from image + question + answer      (coldstart.pseudo_cot_prompt)
@@ -186,7 +186,7 @@ def save_images(row, out: Path) -> list[str]:
 
 
 def sft_row(rec: dict, fmt: str) -> dict:
-    """A kept record in one of the SFT trainer's formats (REFERENCE.md section 3)."""
+    """A kept record in one of the SFT trainer's formats (docs/method.md, "Data rows")."""
     images, prompt, cot = rec["images"], rec["problem"], rec["response"]
     if IMAGE_PLACEHOLDER not in prompt:
         prompt = IMAGE_PLACEHOLDER * len(images) + ("\n" if images else "") + prompt

@@ -1,4 +1,4 @@
-"""Counting, logging and skipping bad data rows (DESIGN.md section 5).
+"""Counting, logging and skipping bad data rows (docs/design.md, "Bad input").
 
 A loader raises `BadRow(reason, detail)` for a row it cannot use; the caller records it in a
 `SkipReport`, which logs one summary line per file and raises `ValueError` when nothing is left.

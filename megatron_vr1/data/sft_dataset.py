@@ -1,6 +1,6 @@
 """Cold-start SFT rows: loading the three formats, tokenising with an assistant-only loss mask, packing.
 
-Formats (REFERENCE.md section 3); a file is a JSON array or JSON Lines (told apart by its first
+Formats (docs/method.md, "Data rows"); a file is a JSON array or JSON Lines (told apart by its first
 character), and each row may be in any of them:
 
 * LLaVA-CoT: `{"id", "image": path, "conversations": [{"from": "human"|"gpt", "value"}]}`;
@@ -12,7 +12,7 @@ All become an `SFTRow`: `messages` as `{"role": "system"|"user"|"assistant", "co
 to `image_root`, by default the data file's folder). Images are checked at load (the file exists and
 PIL recognises it) but decoded only by `encode_sft`: the real cold-start set has ~200K images.
 
-Bad rows are counted by reason, logged in one summary line and skipped (DESIGN.md section 5):
+Bad rows are counted by reason, logged in one summary line and skipped (docs/design.md, "Bad input"):
 `invalid_json`, `unknown_format` (neither `conversations` nor `messages`), `bad_conversation`
 (unknown role, non-text content, no user -> assistant alternation, or not ending with an assistant
 turn), `empty_response`, `missing_image`, `undecodable_image`, `placeholder_mismatch` (count of

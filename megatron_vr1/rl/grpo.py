@@ -6,7 +6,9 @@ Deviations from the Vision-R1 paper (arXiv 2503.06749), which publishes GRPO wit
 clip 0.2 and a k3 KL (beta 1e-2) but no loss-aggregation or std details:
 - advantage std is the unbiased sample std of the group (as in torch.std, verl and EasyR1), with
   eps = 1e-6 added to the std; Dr.GRPO (no std division) is `scale="none"`;
-- the KL term is the k3 estimator pi_ref/pi - log(pi_ref/pi) - 1 per token, added to the loss;
+- the KL term is a per-token estimator of KL(pi || pi_ref), added to the loss (`kl_per_token`).
+  With r = pi_ref / pi: k1 = -log r, k2 = (log r)^2 / 2, k3 = r - log r - 1 (Schulman's
+  estimators); the default is k3, as in the paper;
 - the loss is averaged over all response tokens of the *global* batch (`token-mean`): each
   micro-batch divides its token sum by the global token count, so gradient accumulation over
   micro-batches and data-parallel ranks reproduces one big batch exactly;
@@ -14,6 +16,15 @@ clip 0.2 and a k3 KL (beta 1e-2) but no loss-aggregation or std details:
 - clipping has separate low/high epsilons (clip-higher when high > low);
 - optional truncated importance sampling (TIS) corrects for the rollout engine's logprobs
   differing from the trainer's old logprobs: per-token weight min(exp(old - engine), cap).
+
+Options beyond the paper, all off by default (the defaults reproduce plain GRPO with a k3 KL):
+- entropy bonus: the loss subtracts `entropy_coef` x the aggregated token entropy (default 0);
+- dynamic sampling (DAPO, arXiv 2503.14476): `informative_groups` flags the groups whose rewards
+  are not all equal; the others have zero advantage and can be dropped and refilled;
+- soft overlong punishment (DAPO): `overlong_penalty` is a reward term that falls linearly from 0
+  to -penalty over the last `buffer` tokens before the length cap (buffer 0: off);
+- truncated-response masking (DAPO's overlong filtering): `truncation_mask` is 0 for responses cut
+  at the length cap, to zero their loss mask.
 """
 
 from __future__ import annotations
@@ -46,6 +57,23 @@ def kl_k3(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_per_token(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled token's logprobs (tokens drawn from pi).
+
+    k1 = logp - ref (unbiased, can be negative); k2 = (logp - ref)^2 / 2 (>= 0, biased, low variance);
+    k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased, >= 0)."""
+    if estimator == "k3":
+        return kl_k3(logp_BT, ref_logp_BT)
+    if estimator == "k1":
+        return logp_BT - ref_logp_BT
+    if estimator == "k2":
+        return 0.5 * (logp_BT - ref_logp_BT) ** 2
+    raise ValueError(f"kl_estimator={estimator!r}; use one of {', '.join(KL_ESTIMATORS)}")
+
+
 @dataclass
 class PolicyLossTerms:
     loss: torch.Tensor
@@ -55,6 +83,8 @@ class PolicyLossTerms:
     clip_frac: torch.Tensor
     ratio_mean: torch.Tensor
     tokens: torch.Tensor
+    entropy: Optional[torch.Tensor] = None
+    """Aggregated token entropy (detached) when `entropy_BT` was given, else None."""
 
 
 def aggregate(x_BT: torch.Tensor, mask_BT: torch.Tensor, mode: str, global_tokens: float,
@@ -73,12 +103,16 @@ def policy_loss(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv_B: torch.T
                 *, clip_low: float, clip_high: float, kl_beta: float = 0.0,
                 ref_logp_BT: Optional[torch.Tensor] = None, engine_logp_BT: Optional[torch.Tensor] = None,
                 tis_cap: Optional[float] = None, agg: str = "token-mean",
-                global_tokens: Optional[float] = None, global_seqs: Optional[float] = None) -> PolicyLossTerms:
-    """Clipped surrogate + beta * k3 KL, aggregated over the global batch.
+                global_tokens: Optional[float] = None, global_seqs: Optional[float] = None,
+                kl_estimator: str = "k3", entropy_BT: Optional[torch.Tensor] = None,
+                entropy_coef: float = 0.0) -> PolicyLossTerms:
+    """Clipped surrogate + beta * KL - entropy_coef * entropy, aggregated over the global batch.
 
     ratio = exp(logp - old_logp); per token: -min(ratio * A, clip(ratio, 1-low, 1+high) * A).
     With `tis_cap`, each token's term is multiplied by min(exp(old_logp - engine_logp), cap)
-    (no gradient through the weight).
+    (no gradient through the weight). The KL term uses `kl_estimator` (see `kl_per_token`).
+    `entropy_BT` (per-token entropy, with its graph when `entropy_coef` != 0) is aggregated like
+    the other terms; with entropy_coef == 0 it is only reported and the loss is exactly pg + beta * kl.
     """
     mask = mask_BT.to(logp_BT.dtype)
     gt = float(global_tokens) if global_tokens is not None else float(mask.sum().clamp(min=1))
@@ -93,14 +127,26 @@ def policy_loss(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv_B: torch.T
             raise ValueError("tis_cap needs the engine's logprobs")
         pg_tok = pg_tok * torch.exp(old_logp_BT - engine_logp_BT).clamp(max=tis_cap).detach()
     pg = aggregate(pg_tok, mask, agg, gt, gs)
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator={kl_estimator!r}; use one of {', '.join(KL_ESTIMATORS)}")
     kl = torch.zeros((), dtype=logp_BT.dtype)
     if ref_logp_BT is not None:
-        kl = aggregate(kl_k3(logp_BT, ref_logp_BT), mask, agg, gt, gs)
+        kl = aggregate(kl_per_token(logp_BT, ref_logp_BT, kl_estimator), mask, agg, gt, gs)
     loss = pg + kl_beta * kl
+    ent = None
+    if entropy_coef != 0.0:
+        if entropy_BT is None:
+            raise ValueError(f"entropy_coef={entropy_coef} needs entropy_BT (per-token entropy with its graph)")
+        ent = aggregate(entropy_BT.to(logp_BT.dtype), mask, agg, gt, gs)
+        loss = loss - entropy_coef * ent
+    elif entropy_BT is not None:
+        with torch.no_grad():
+            ent = aggregate(entropy_BT.to(logp_BT.dtype), mask, agg, gt, gs)
     with torch.no_grad():
         clip_frac = aggregate((clipped < surr).to(logp_BT.dtype), mask, agg, gt, gs)  # clipping is active
         ratio_mean = aggregate(ratio, mask, agg, gt, gs)
-    return PolicyLossTerms(loss, pg.detach(), kl.detach(), clip_frac, ratio_mean, mask.sum())
+    return PolicyLossTerms(loss, pg.detach(), kl.detach(), clip_frac, ratio_mean, mask.sum(),
+                           None if ent is None else ent.detach())
 
 
 def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, vocab_size: Optional[int] = None,
@@ -113,8 +159,39 @@ def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, vocab_siz
 
 
 def entropy(logits_BTV: torch.Tensor, vocab_size: Optional[int] = None) -> torch.Tensor:
-    """Per-token entropy of softmax(logits) (logged, not optimised)."""
+    """Per-token entropy of softmax(logits) (differentiable)."""
     if vocab_size is not None:
         logits_BTV = logits_BTV[..., :vocab_size]
     logp = torch.log_softmax(logits_BTV.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def informative_groups(rewards_B: torch.Tensor, group_size: int, tol: float = 1e-12) -> torch.Tensor:
+    """Dynamic sampling (DAPO): BoolTensor[P], True where group g's rewards are not all equal
+    (max - min > tol). Groups with equal rewards have zero advantage, hence no policy gradient.
+    A group of one sample is never informative."""
+    if group_size < 1 or rewards_B.numel() % group_size:
+        raise ValueError(f"{rewards_B.numel()} rewards are not a whole number of groups of {group_size}")
+    r_PG = rewards_B.detach().double().reshape(-1, group_size)
+    return (r_PG.max(dim=1).values - r_PG.min(dim=1).values) > tol
+
+
+def overlong_penalty(lengths_B, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
+    """Soft overlong punishment (DAPO), a reward term per response, float32 Tensor[B]:
+    0 for length <= max_len - buffer, then -penalty * (length - (max_len - buffer)) / buffer,
+    reaching -penalty at length == max_len and clamped there beyond. buffer == 0: all zeros (off)."""
+    if buffer < 0 or buffer >= max_len:
+        raise ValueError(f"overlong buffer={buffer} with max_len={max_len}; need 0 <= buffer < max_len")
+    if penalty < 0:
+        raise ValueError(f"overlong penalty={penalty}; need penalty >= 0")
+    lengths = torch.as_tensor(lengths_B).double()
+    if buffer == 0:
+        return torch.zeros(lengths.shape, dtype=torch.float32)
+    over = (lengths - (max_len - buffer)) / buffer
+    return (-penalty * over.clamp(min=0.0, max=1.0)).to(torch.float32)
+
+
+def truncation_mask(finish_reasons: list[str]) -> torch.Tensor:
+    """FloatTensor[B]: 0.0 for a response cut at the length cap (finish reason "length"), else 1.0;
+    multiply a row's loss mask by it to give truncated responses no loss."""
+    return torch.tensor([0.0 if r == "length" else 1.0 for r in finish_reasons], dtype=torch.float32)

@@ -1,12 +1,21 @@
-"""The GRPO policy update on Megatron-Core: DDP-wrapped model, megatron-core optimizer, and the
-`forward_step` / loss contract for `get_forward_backward_func()` over micro-batches and pipeline
-stages.
+"""The GRPO loss for `trainer.core.optimizer_step`, and one policy update with it.
 
-Loss scaling: each micro-batch returns its share of the global-batch mean (`grpo.policy_loss` with
-the global token / sequence counts of the whole optimizer step, over all data-parallel ranks).
-megatron-core divides a 2-tuple loss by the number of micro-batches and DDP averages gradients
-over data-parallel ranks, so the loss handed back is multiplied by both: the gradients are then
-exactly those of one big batch.
+Each micro-batch's loss is its share of the global-batch mean (`grpo.policy_loss` with the token
+/ sequence counts of the whole optimizer step over all data-parallel ranks); the trainer core
+scales it for megatron-core's micro-batch averaging and DDP's data-parallel averaging.
+
+On-policy shortcut: a micro-batch whose `old_logp_BT` is None is scored by the policy that the
+update starts from (the first mini-batch of a single-epoch update), so its old logprobs are the
+update's own logprobs, detached: ratio exactly 1, and no separate forward pass for them.
+
+Entropy: the per-token entropy of softmax(logits) (temperature 1) is always logged. With
+`LossSettings.entropy_coef > 0` it is also optimised (the loss subtracts entropy_coef x its
+aggregate) and is then computed with a gradient, from the vocabulary-parallel logits without
+gathering them; with entropy_coef == 0 it is computed under no_grad and the loss is unchanged.
+
+Trainer-vs-engine mismatch (the engine's sampling logprobs against the old logprobs) is measured
+inside the update, so it is the same whether the old logprobs came from a separate pass or from
+the update itself.
 """
 
 from __future__ import annotations
@@ -18,7 +27,8 @@ import torch
 
 from megatron_vr1.models.qwen25_vl.model import VLInputs
 from megatron_vr1.rl.grpo import aggregate, policy_loss
-from megatron_vr1.rl.logprobs import tp_group, vocab_parallel_entropy, vocab_parallel_logprobs
+from megatron_vr1.trainer.logprobs import (tp_group, vocab_parallel_entropy, vocab_parallel_entropy_with_grad,
+                                           vocab_parallel_logprobs)
 
 
 @dataclass
@@ -28,7 +38,8 @@ class PolicyMicroBatch:
     inputs: VLInputs
     loss_mask_BT: torch.Tensor
     """1 where the target token is a response token."""
-    old_logp_BT: torch.Tensor
+    old_logp_BT: Optional[torch.Tensor]
+    """The behaviour policy's logprobs per the trainer; None: on-policy (taken from the update's own pass)."""
     adv_B: torch.Tensor
     ref_logp_BT: Optional[torch.Tensor] = None
     engine_logp_BT: Optional[torch.Tensor] = None
@@ -42,6 +53,10 @@ class LossSettings:
     agg: str = "token-mean"
     tis_cap: Optional[float] = None
     temperature: float = 1.0
+    kl_estimator: str = "k3"
+    """Per-token KL estimator: k1, k2 or k3 (see grpo.kl_per_token)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight; 0 logs the entropy without optimising it."""
 
 
 @dataclass
@@ -53,31 +68,56 @@ class UpdateMetrics:
     ratio_mean: float
     grad_norm: float
     entropy: float
+    mismatch_abs_sum: float = 0.0
+    """Sum over response tokens of |old logp - engine logp| (with mismatch_exp_sum, mismatch_tokens and
+    mismatch_max: the trainer-vs-engine agreement of this update's micro-batches)."""
+    mismatch_exp_sum: float = 0.0
+    mismatch_tokens: float = 0.0
+    mismatch_max: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
-def wrap_ddp(model, lm_config):
-    """megatron-core DDP (gradient buffers; distributed optimizer off on CPU, see DESIGN.md)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    from megatron_vr1 import platform
-
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                            use_distributed_optimizer=platform.on_cuda())
-    return DistributedDataParallel(config=lm_config, ddp_config=ddp_cfg, module=model)
+N_SUMS, N_MAX = 9, 1
 
 
-def build_optimizer(ddp_model, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8,
-                    grad_clip: float = 1.0):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def grpo_loss_fn(arch, loss: LossSettings, global_tokens: float, global_seqs: float):
+    """loss_fn(micro_batch, logits) for `trainer.core.optimizer_step`."""
+    group = tp_group()  # logits stay split over the vocabulary (parallel_output models)
 
-    from megatron_vr1 import platform
+    def loss_fn(mb: PolicyMicroBatch, output: torch.Tensor):
+        dev = output.device
+        on = (lambda t: None if t is None else t.to(dev))  # the batch lives on the host until here
+        targets = mb.inputs.input_ids_BS[:, 1:].to(dev)
+        mask_BT, ref_BT, eng_BT = on(mb.loss_mask_BT), on(mb.ref_logp_BT), on(mb.engine_logp_BT)
+        logp = vocab_parallel_logprobs(output[:, :-1], targets, vocab_size=arch.text.vocab_size,
+                                       temperature=loss.temperature, group=group)
+        old = logp.detach() if mb.old_logp_BT is None else on(mb.old_logp_BT)
+        ent_BT = None
+        if loss.entropy_coef > 0:  # optimised: entropy with its graph
+            ent_BT = vocab_parallel_entropy_with_grad(output[:, :-1], arch.text.vocab_size, group)
+        t = policy_loss(logp, old, on(mb.adv_B), mask_BT, clip_low=loss.clip_low,
+                        clip_high=loss.clip_high, kl_beta=loss.kl_beta, ref_logp_BT=ref_BT,
+                        engine_logp_BT=eng_BT, tis_cap=loss.tis_cap, agg=loss.agg,
+                        global_tokens=global_tokens, global_seqs=global_seqs,
+                        kl_estimator=loss.kl_estimator, entropy_BT=ent_BT, entropy_coef=loss.entropy_coef)
+        with torch.no_grad():
+            if t.entropy is not None:
+                ent = t.entropy
+            else:  # logged, not optimised
+                ent = aggregate(vocab_parallel_entropy(output[:, :-1], arch.text.vocab_size, group),
+                                mask_BT, loss.agg, global_tokens, global_seqs)
+            m = mask_BT.bool()
+            if eng_BT is not None:
+                d = (old.double() - eng_BT.double())[m].abs()
+            else:
+                d = torch.zeros(0, dtype=torch.float64, device=dev)
+            sums = torch.stack([t.loss.detach(), t.pg_loss, t.kl, t.clip_frac, t.ratio_mean, ent.to(t.kl.dtype)]).double()
+            n = torch.tensor(float(d.numel()), dtype=torch.float64, device=dev)
+            sums = torch.cat([sums, torch.stack([d.sum(), torch.exp(d).sum(), n])])
+            maxima = (d.max() if d.numel() else torch.zeros((), dtype=torch.float64, device=dev)).reshape(1)
+        return t.loss, sums, maxima
 
-    cfg = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=betas[0],
-                          adam_beta2=betas[1], adam_eps=eps, clip_grad=grad_clip,
-                          bf16=ddp_model.config.bf16, params_dtype=ddp_model.config.params_dtype,
-                          use_distributed_optimizer=platform.on_cuda())
-    return get_megatron_optimizer(cfg, [ddp_model])
+    return loss_fn
 
 
 def policy_update(ddp_model, optimizer, micro_batches: list[PolicyMicroBatch], arch, loss: LossSettings,
@@ -86,55 +126,10 @@ def policy_update(ddp_model, optimizer, micro_batches: list[PolicyMicroBatch], a
 
     `global_tokens` / `global_seqs`: response tokens / sequences of the whole step over all
     data-parallel ranks."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron_vr1.trainer.core import optimizer_step
 
-    cfg = ddp_model.config
-    cfg.finalize_model_grads_func = finalize_model_grads
-    n_mb = len(micro_batches)
-    scale = n_mb * ps.get_data_parallel_world_size()
-    group = tp_group()  # logits stay split over the vocabulary (parallel_output models)
-
-    def forward_step(data_iterator, model):
-        mb: PolicyMicroBatch = next(data_iterator)
-        logits = model(mb.inputs)
-
-        def loss_func(output):
-            targets = mb.inputs.input_ids_BS[:, 1:]
-            logp = vocab_parallel_logprobs(output[:, :-1], targets, vocab_size=arch.text.vocab_size,
-                                           temperature=loss.temperature, group=group)
-            t = policy_loss(logp, mb.old_logp_BT, mb.adv_B, mb.loss_mask_BT, clip_low=loss.clip_low,
-                            clip_high=loss.clip_high, kl_beta=loss.kl_beta, ref_logp_BT=mb.ref_logp_BT,
-                            engine_logp_BT=mb.engine_logp_BT, tis_cap=loss.tis_cap, agg=loss.agg,
-                            global_tokens=global_tokens, global_seqs=global_seqs)
-            with torch.no_grad():  # logged, not optimised (entropy bonus 0, as in REFERENCE.md)
-                ent = aggregate(vocab_parallel_entropy(output[:, :-1], arch.text.vocab_size, group),
-                                mb.loss_mask_BT, loss.agg,
-                                global_tokens, global_seqs)
-            stats = torch.stack([t.loss.detach(), t.pg_loss, t.kl, t.clip_frac, t.ratio_mean, ent.to(t.kl.dtype)])
-            return t.loss * scale, {"terms": stats}
-
-        return logits, loss_func
-
-    ddp_model.zero_grad_buffer()
-    optimizer.zero_grad()
-    out = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[ddp_model],
-        num_microbatches=n_mb, seq_length=seq_length, micro_batch_size=micro_batches[0].inputs.input_ids_BS.shape[0],
-        forward_only=False,
-    )
-    ok, grad_norm, _ = optimizer.step()
-    if not ok:
-        raise FloatingPointError("the optimizer step was skipped (non-finite gradients)")
-    terms = torch.zeros(6, dtype=torch.float64)
-    if ps.is_pipeline_last_stage():
-        for d in out:
-            terms += d["terms"].double()
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        # sum the shares over data-parallel ranks; broadcast the last stage's numbers to all stages
-        torch.distributed.all_reduce(terms, group=ps.get_data_parallel_group())
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            torch.distributed.all_reduce(terms, group=ps.get_pipeline_model_parallel_group())
-    loss_, pg, kl, clip, ratio, ent = terms.tolist()
-    return UpdateMetrics(loss_, pg, kl, clip, ratio, float(grad_norm), ent)
+    out = optimizer_step(ddp_model, optimizer, micro_batches, grpo_loss_fn(arch, loss, global_tokens, global_seqs),
+                         seq_length, n_sums=N_SUMS, n_max=N_MAX)
+    loss_, pg, kl, clip, ratio, ent, mm_abs, mm_exp, mm_n = out.sums.tolist()
+    return UpdateMetrics(loss_, pg, kl, clip, ratio, out.grad_norm, ent, mismatch_abs_sum=mm_abs,
+                         mismatch_exp_sum=mm_exp, mismatch_tokens=mm_n, mismatch_max=float(out.maxima[0]))

@@ -1,6 +1,6 @@
 """Cold-start SFT on Megatron-Core: packed rows, assistant-only token-mean loss, resumable.
 
-Vision-R1's cold start (REFERENCE.md section 3): full fine-tune of the language model with the
+Vision-R1's cold start (docs/method.md): full fine-tune of the language model with the
 vision tower and merger frozen (`model.freeze_vision: true` in the recipe), AdamW, warmup then
 constant or cosine, `sft.global_batch_size` examples per optimizer step, `sft.epochs` passes.
 
@@ -23,7 +23,7 @@ Per optimizer step:
 - Loss: cross-entropy summed over the assistant tokens of the micro-batch divided by the
   assistant tokens of the whole global batch (over all replicas), times num_microbatches * dp
   (megatron-core divides by the first, DDP averages over the second), exactly as
-  `rl.update.policy_update`: the gradients are those of one big batch's token-mean.
+  the RL update (both go through `trainer.core.optimizer_step`): the gradients are those of one big batch's token-mean.
 - LR: set on every optimizer param group before the step (`lr_at`): linear warmup from 0 over
   ceil(warmup_ratio * total steps) steps, then constant or cosine to 0.
 
@@ -39,7 +39,6 @@ import functools
 import logging
 import math
 import random
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -49,7 +48,6 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_vr1 import platform
 from megatron_vr1.schedule import lr_at, warmup_steps  # noqa: F401  (lr_at: also imported from here)
 
 log = logging.getLogger("megatron_vr1.sft")
@@ -177,71 +175,21 @@ def micro_batches(examples: Sequence["SFTExample"], arch, max_length: int, micro
 # ----------------------------------------------------------------------------- one optimizer step
 
 
-@dataclass
-class StepResult:
-    loss: float
-    """Token-mean cross-entropy over the assistant tokens of the global batch."""
-    grad_norm: float
+def sft_loss_fn(arch, global_loss_tokens: float):
+    """The SFT loss for `trainer.core.optimizer_step`: cross-entropy over the assistant tokens,
+    as this micro-batch's share of the global batch's token mean."""
+    from megatron_vr1.trainer.logprobs import tp_group, vocab_parallel_logprobs
 
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if platform.on_cuda() else torch.device("cpu")
-
-
-def _to(inp, device):
-    from dataclasses import fields, replace
-
-    return replace(inp, **{f.name: getattr(inp, f.name).to(device) for f in fields(inp)
-                           if isinstance(getattr(inp, f.name), torch.Tensor)})
-
-
-def sft_step(ddp_model, optimizer, mbs: list[PackedMicroBatch], arch, global_loss_tokens: float,
-             seq_length: int) -> StepResult:
-    """One optimizer step over this replica's micro-batches. `global_loss_tokens`: assistant
-    tokens of the step over all data-parallel replicas."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_vr1.rl.logprobs import tp_group, vocab_parallel_logprobs
-
-    ddp_model.config.finalize_model_grads_func = finalize_model_grads
-    scale = len(mbs) * ps.get_data_parallel_world_size()
-    device = _device()
     group = tp_group()  # logits stay split over the vocabulary (parallel_output model)
 
-    def forward_step(data_iterator, model):
-        mb: PackedMicroBatch = next(data_iterator)
-        inp = _to(mb.inputs, device)
-        mask = mb.loss_mask_BT.to(device)
-        logits = model(inp)
+    def loss_fn(mb: PackedMicroBatch, output: torch.Tensor):
+        mask = mb.loss_mask_BT.to(output.device)
+        logp = vocab_parallel_logprobs(output[:, :-1], mb.inputs.input_ids_BS[:, 1:].to(output.device),
+                                       vocab_size=arch.text.vocab_size, group=group)
+        nll = -(logp * mask).sum()
+        return nll / global_loss_tokens, nll.detach().reshape(1), torch.zeros(0)
 
-        def loss_func(output):
-            logp = vocab_parallel_logprobs(output[:, :-1], inp.input_ids_BS[:, 1:],
-                                           vocab_size=arch.text.vocab_size, group=group)
-            nll = -(logp * mask).sum()
-            return nll / global_loss_tokens * scale, {"nll": nll.detach().double()}
-
-        return logits, loss_func
-
-    ddp_model.zero_grad_buffer()
-    optimizer.zero_grad()
-    out = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(mbs), model=[ddp_model], num_microbatches=len(mbs),
-        seq_length=seq_length, micro_batch_size=mbs[0].inputs.input_ids_BS.shape[0], forward_only=False,
-    )
-    ok, grad_norm, _ = optimizer.step()
-    if not ok:
-        raise FloatingPointError("the optimizer step was skipped (non-finite gradients)")
-    nll = torch.zeros(1, dtype=torch.float64, device=device)
-    if ps.is_pipeline_last_stage():
-        for d in out:
-            nll += d["nll"].to(device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(nll, group=ps.get_data_parallel_group())
-        if ps.get_pipeline_model_parallel_world_size() > 1:  # only the last stage holds it
-            dist.all_reduce(nll, group=ps.get_pipeline_model_parallel_group())
-    return StepResult(float(nll) / global_loss_tokens, float(grad_norm))
+    return loss_fn
 
 
 # ----------------------------------------------------------------------------- the run
@@ -249,22 +197,13 @@ def sft_step(ddp_model, optimizer, mbs: list[PackedMicroBatch], arch, global_los
 
 def _resume_point(run_dir: Path) -> Optional[Path]:
     """The newest complete `sft_step_*` checkpoint (`latest` may name the model-only sft_final)."""
-    from megatron_vr1.checkpointing import latest_checkpoint
+    from megatron_vr1.checkpointing import is_complete, latest_checkpoint
 
     latest = latest_checkpoint(run_dir)
     if latest is None or latest.name.startswith(STEP_PREFIX):
         return latest
-    steps = sorted(p for p in (run_dir / "checkpoints").glob(f"{STEP_PREFIX}*")
-                   if (p / "model" / "metadata.json").exists())
+    steps = sorted(p for p in (run_dir / "checkpoints").glob(f"{STEP_PREFIX}*") if is_complete(p))
     return steps[-1] if steps else None
-
-
-def _prune(run_dir: Path, keep_last: int) -> None:
-    if keep_last <= 0 or dist.get_rank() != 0:
-        return
-    steps = sorted(p for p in (run_dir / "checkpoints").glob(f"{STEP_PREFIX}*") if p.is_dir())
-    for old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class _Encoder:
@@ -300,14 +239,11 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
     changing the schedule, as an interrupted run would; returns that checkpoint's folder."""
     from megatron.core import parallel_state as ps
 
-    from megatron_vr1.checkpointing import load_checkpoint, save_checkpoint
+    from megatron_vr1 import preemption
     from megatron_vr1.data.sft_dataset import load_sft_data
     from megatron_vr1.hf_processor import load_processor
-    from megatron_vr1.models.qwen25_vl.io import load_weights, model_checkpoint_dir
-    from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
-    from megatron_vr1.monitoring.sinks import make_sink
-    from megatron_vr1 import preemption
-    from megatron_vr1.rl.update import build_optimizer, wrap_ddp
+    from megatron_vr1.models.qwen25_vl.io import model_checkpoint_dir
+    from megatron_vr1.trainer.core import TrainerSession, device, optimizer_step
 
     stop = preemption.install()  # SIGUSR1 (time limit) / SIGTERM: save after this step, exit for a requeue
     s, o = cfg.sft, cfg.optim
@@ -326,52 +262,33 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
     rows = load_sft_data(s.data_path, s.image_root).rows  # bad rows counted, logged and skipped
     total = total_steps(len(rows), s.global_batch_size, s.epochs)
     warmup = warmup_steps(total, o.warmup_ratio)
-
-    platform.init_distributed(cfg.parallel, cfg.seed)
-    rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     run_dir = Path(cfg.run_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save_resolved(run_dir)
+    ckpt = _resume_point(run_dir)  # decided before anything is built
 
-    opts = ModelOptions.from_config(cfg)
-    model = build_model(arch, opts)
-    if torch.cuda.is_available():
-        model.cuda()
-    pack = not model.causal_mask_only
+    session = TrainerSession.open(cfg, arch, resume=ckpt, wandb_config=cfg.to_dict())
+    rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    pack = not session.policy.causal_mask_only
     if not pack:
         log.warning("Transformer Engine attention honours only the causal mask: one example per row "
                     "(no sequence packing) until THD packing lands")
-    ddp = wrap_ddp(model, model.config)
-    optimizer = build_optimizer(ddp, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
-                                grad_clip=o.grad_clip)
     step = 0
-    ckpt = _resume_point(run_dir)
-    if ckpt is not None:
-        # A fresh megatron optimizer has no Adam moments until its first step, so the saved ones
-        # would have nothing to load into (silently: the resumed run restarts Adam). Creating the
-        # state is what `sharded_state_dict(..., is_loading=True)` does; `load_checkpoint` does not
-        # ask for it, so do it here (harmless once it does).
-        optimizer.sharded_state_dict(ddp.sharded_state_dict(), is_loading=True)
-        state = load_checkpoint(ckpt, ddp, optimizer)
+    if session.resumed_state is not None:
+        state = session.resumed_state
         step = int(state["step"])
         log.info("resumed from %s at step %d of %d", ckpt, step, total)
         if state.get("rows") != len(rows) or state.get("seed") != cfg.seed:
             log.warning("the checkpoint was trained on %s rows with seed %s, this run has %d rows and seed %d: "
                         "the data order after step %d differs from the original run's", state.get("rows"),
                         state.get("seed"), len(rows), cfg.seed, step)
-    else:
-        load_weights(model, mcore)
 
     processor = load_processor(cfg.model.hf_path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     pad_id = processor.tokenizer.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
     encode = _Encoder(rows, processor, s.max_length)
-    sink = make_sink(run_dir, wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
-                     rank=rank, wandb_config=cfg.to_dict())
+    sink = session.sink
     pp = ps.get_pipeline_model_parallel_world_size()
     multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
-    device = _device()
+    dev = device()
     if rank == 0:
         log.info("SFT: %d rows, %d steps (%d epochs x %d), warmup %d, global batch %d, dp %d",
                  len(rows), total, s.epochs, math.ceil(len(rows) / s.global_batch_size), warmup,
@@ -379,8 +296,11 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
 
     def save(tag: str, with_optimizer: bool = True) -> Path:
         state = {"step": step, "total_steps": total, "rows": len(rows), "seed": cfg.seed}
-        return save_checkpoint(run_dir, tag, ddp, optimizer if with_optimizer else None, state, cfg.model.hf_path)
+        return session.save(tag, state, with_optimizer=with_optimizer)
 
+    from megatron_vr1.monitoring.progress import Progress
+
+    progress = Progress(total, "sft step", start=step, enabled=rank == 0)
     last_saved = step
     end = total if stop_after_step is None else min(total, stop_after_step)
     stopped = False
@@ -389,8 +309,7 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
             step += 1
             t0 = time.perf_counter()
             lr = lr_at(step, total, o.lr, warmup, o.lr_schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            session.set_lr(lr)
             mine = step_rows(len(rows), s.global_batch_size, cfg.seed, step)[dp_rank::dp]
             examples = encode(mine)
             t_enc = time.perf_counter() - t0
@@ -398,7 +317,7 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
                                 same_length=pp > 1, multiple_of=multiple, pack=pack)
             counts = torch.tensor([sum(float(mb.loss_mask_BT.sum()) for mb in mbs), sum(mb.tokens for mb in mbs),
                                    len(examples), sum(mb.inputs.input_ids_BS.shape[0] for mb in mbs),
-                                   sum(encode.skipped.values())], dtype=torch.float64, device=device)
+                                   sum(encode.skipped.values())], dtype=torch.float64, device=dev)
             if dp > 1:
                 dist.all_reduce(counts, group=ps.get_data_parallel_group())
             loss_tokens, tokens, n_examples, n_rows, skipped = counts.tolist()
@@ -406,22 +325,22 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
                 log.warning("step %d has no assistant tokens (all its rows were skipped); no update", step)
                 continue
             seq_length = max(mb.inputs.input_ids_BS.shape[1] for mb in mbs)
-            res = sft_step(ddp, optimizer, mbs, arch, loss_tokens, seq_length)
+            res = optimizer_step(session.ddp, session.optimizer, mbs, sft_loss_fn(arch, loss_tokens), seq_length,
+                                 n_sums=1)
+            loss = float(res.sums[0]) / loss_tokens
             dt = time.perf_counter() - t0
             if step % cfg.logging.log_interval == 0 or step == end:
-                sink.log({"sft/loss": res.loss, "sft/lr": lr, "sft/grad_norm": res.grad_norm,
+                sink.log({"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": res.grad_norm,
                           "sft/tokens": tokens, "sft/loss_tokens": loss_tokens, "sft/examples": n_examples,
                           "sft/packed_rows": n_rows, "sft/skipped": skipped,
                           "sft/epoch": (step - 1) // math.ceil(len(rows) / s.global_batch_size),
                           "perf/seconds_per_step": dt, "perf/encode_seconds": t_enc,
                           "perf/tokens_per_s": tokens / dt}, step)
-                if rank == 0:
-                    log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f tokens %d (%.2f s)", step, total,
-                             res.loss, lr, res.grad_norm, tokens, dt)
+            progress.update(step, {"loss": f"{loss:.4f}", "lr": f"{lr:.3g}", "grad_norm": f"{res.grad_norm:.3f}",
+                                   "tokens": f"{int(tokens)}", "step": f"{dt:.2f}s"})
             if step % cfg.checkpoint.save_interval == 0 and step < total:
                 save(step_tag(step))
                 last_saved = step
-                _prune(run_dir, cfg.checkpoint.keep_last)
             if stop.requested() and step < total:  # agreed by all ranks
                 stopped = True
                 break
@@ -432,8 +351,7 @@ def run_sft(cfg, arch, stop_after_step: Optional[int] = None) -> Path:
             return ckpt
         if last_saved != step or not (run_dir / "checkpoints" / step_tag(step)).exists():
             save(step_tag(step))
-            _prune(run_dir, cfg.checkpoint.keep_last)
         return save(FINAL_TAG, with_optimizer=False)
     finally:
-        sink.flush()
-        sink.close()
+        progress.close()
+        session.close()

@@ -2,7 +2,7 @@
 megatron-core's `get_forward_backward_func()`, and per-token logprobs of given sequences.
 
 Logits stay split over the vocabulary across TP ranks (`parallel_output=True` models, see
-rl/logprobs.py); padded vocabulary entries are excluded before the softmax.
+trainer/logprobs.py); padded vocabulary entries are excluded before the softmax.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_vr1.models.qwen25_vl.model import VLInputs
-from megatron_vr1.rl.logprobs import tp_group, vocab_parallel_logprobs
+from megatron_vr1.trainer.logprobs import tp_group, vocab_parallel_logprobs
 
 
 def sequence_logprobs(model, arch, inp: VLInputs, temperature: float = 1.0,
@@ -24,6 +24,10 @@ def sequence_logprobs(model, arch, inp: VLInputs, temperature: float = 1.0,
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_vr1.trainer.core import device, to_device
+
+    dev = device()
+    inp = to_device(inp, dev)
     B, S = inp.input_ids_BS.shape
     targets = inp.input_ids_BS[:, 1:]
     group = tp_group()
@@ -45,8 +49,8 @@ def sequence_logprobs(model, arch, inp: VLInputs, temperature: float = 1.0,
     last = ps.is_pipeline_last_stage()
     out = outs[0] if last else None
     if broadcast and dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-        buf = out if last else torch.empty(B, S - 1)
+        buf = out if last else torch.empty(B, S - 1, device=dev)
         src = dist.get_global_rank(ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size() - 1)
         dist.broadcast(buf, src=src, group=ps.get_pipeline_model_parallel_group())
         out = buf
-    return out
+    return out.cpu() if out is not None else None  # [B, T] per-token numbers live with the batch, on the host

@@ -7,7 +7,7 @@ rank works on its slice and the TP group all-reduces three [B, T] tensors: the m
 of exponentials and the target's logit. At TP=1 the same code runs with no communication and equals
 `grpo.token_logprobs` on the full logits.
 
-Padded vocabulary columns (ids >= the tokenizer's vocab_size, see models/qwen25_vl/padding.py)
+Padded vocabulary columns (ids >= the tokenizer's vocab_size, see checkpoints_conv/arch.py)
 are excluded: they are set to -inf before the softmax, so they get probability 0 and zero gradient.
 """
 
@@ -93,6 +93,41 @@ def vocab_parallel_entropy(logits_BTv: torch.Tensor, vocab_size: Optional[int] =
     weighted = torch.where(exp > 0, exp * shifted, torch.zeros_like(exp)).sum(dim=-1)
     weighted = _all_reduce(weighted, dist.ReduceOp.SUM, group)
     return torch.log(sum_exp) - weighted / sum_exp
+
+
+class _VocabParallelEntropyWithGrad(torch.autograd.Function):
+    """Entropy of softmax(logits) over the whole vocabulary from this rank's slice, [B, T] fp32,
+    with the gradient dH/dz_j = -p_j (log p_j + H) on this rank's columns (padding columns: 0)."""
+
+    @staticmethod
+    def forward(ctx, logits_BTv, vocab_size, group):
+        logits, _ = _local_logits(logits_BTv, vocab_size, 1.0, group)
+        mx = _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group)
+        shifted = logits - mx[..., None]
+        exp = torch.exp(shifted)
+        sum_exp = _all_reduce(exp.sum(dim=-1), dist.ReduceOp.SUM, group)
+        # padded columns: exp = 0 and shifted = -inf; 0 * -inf is nan, so zero them explicitly
+        weighted = torch.where(exp > 0, exp * shifted, torch.zeros_like(exp)).sum(dim=-1)
+        weighted = _all_reduce(weighted, dist.ReduceOp.SUM, group)
+        ent = torch.log(sum_exp) - weighted / sum_exp
+        # log p_j = shifted_j - log(sum_exp); reuse `shifted` as log p to hold one [B, T, v] tensor
+        logp = shifted.sub_(torch.log(sum_exp)[..., None])
+        ctx.save_for_backward(logp, ent)
+        ctx.in_dtype = logits_BTv.dtype
+        return ent
+
+    @staticmethod
+    def backward(ctx, grad_BT):
+        logp, ent = ctx.saved_tensors
+        p = torch.exp(logp)
+        term = torch.where(p > 0, p * (logp + ent[..., None]), torch.zeros_like(p))
+        return (term.neg_() * grad_BT[..., None]).to(ctx.in_dtype), None, None
+
+
+def vocab_parallel_entropy_with_grad(logits_BTv: torch.Tensor, vocab_size: Optional[int] = None,
+                                     group=None) -> torch.Tensor:
+    """`vocab_parallel_entropy` with a gradient to this rank's logits slice (for the entropy bonus)."""
+    return _VocabParallelEntropyWithGrad.apply(logits_BTv, vocab_size, group)
 
 
 def tp_group():
