@@ -91,3 +91,30 @@ def test_cpu_shims_map_cuda_devices():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_image_features_once_per_step_give_the_same_numbers(tiny_hf, tiny_mcore, single_rank):
+    """A frozen tower's features computed once (trainer.forward.with_image_features) and reused
+    by the old-logprob, reference and update passes: the same logprobs, bit for bit, and the same
+    gradients of the language model as running the tower inside every forward."""
+    from checkpoints_conv.verify import probes
+    from megatron_vr1.models.qwen25_vl.io import make_inputs
+    from megatron_vr1.trainer.forward import sequence_logprobs, with_image_features
+
+    arch = load_hf_arch(tiny_hf)
+    m = _model(tiny_hf, tiny_mcore, freeze_vision=True)
+    x = next(p for p in probes(tiny_hf) if p.name == "two_images").inputs
+    inp = make_inputs(arch, x["input_ids"], x["attention_mask"], x["pixel_values"], x["image_grid_thw"])
+    pre = with_image_features(m, inp)
+    assert pre.image_features_TH is not None and inp.image_features_TH is None
+    assert pre.image_features_TH.shape[0] == int((inp.input_ids_BS == arch.image_token_id).sum())
+    assert torch.equal(sequence_logprobs(m, arch, pre), sequence_logprobs(m, arch, inp))
+    grads = []
+    for i in (inp, pre):
+        m.zero_grad()
+        m(i)[..., : arch.text.vocab_size].logsumexp(-1).sum().backward()
+        grads.append(m.language_model.decoder.layers[0].mlp.linear_fc1.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().max() > 0
+    # the pixels are not needed any more; text-only inputs pass through unchanged
+    text = make_inputs(arch, x["input_ids"][:, :4], None)
+    assert with_image_features(m, text) is text

@@ -308,7 +308,7 @@ def prepare_batches(run: RLRun, scored):
     policy the update starts from, so its old logprobs are left to the update itself (None here);
     only the later mini-batches (the policy has moved by then) get a forward pass now."""
     from megatron_vr1.rl.batch import collate
-    from megatron_vr1.trainer.forward import sequence_logprobs
+    from megatron_vr1.trainer.forward import sequence_logprobs, with_image_features
 
     cfg = run.cfg
     pad = run.processor.tokenizer.pad_token_id
@@ -323,6 +323,8 @@ def prepare_batches(run: RLRun, scored):
     on_policy = micro_batches_per_step(run, len(batches)) if cfg.grpo.epochs_per_rollout == 1 else 0
     model = run.model.module
     for i, mb in enumerate(batches):
+        if cfg.model.freeze_vision:  # the tower runs once per micro-batch, not once per pass
+            mb.inputs = with_image_features(model, mb.inputs)
         if i < on_policy:
             mb.old_logp_BT = None
         else:

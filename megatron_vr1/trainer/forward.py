@@ -54,3 +54,21 @@ def sequence_logprobs(model, arch, inp: VLInputs, temperature: float = 1.0,
         dist.broadcast(buf, src=src, group=ps.get_pipeline_model_parallel_group())
         out = buf
     return out.cpu() if out is not None else None  # [B, T] per-token numbers live with the batch, on the host
+
+
+def with_image_features(model, inp: VLInputs) -> VLInputs:
+    """`inp` with its image features computed now (no gradient), for a frozen vision tower: every
+    later pass over the same micro-batch (old logprobs, reference, update) reuses them instead of
+    running the tower again. Ranks without the tower (later pipeline stages) and text-only inputs
+    get `inp` back unchanged."""
+    from dataclasses import replace
+
+    from megatron_vr1.trainer.core import device, to_device
+
+    tower = getattr(model, "vision_model", None)
+    if tower is None or inp.pixel_values_PC is None or inp.image_features_TH is not None:
+        return inp
+    dev = device()
+    with torch.no_grad():
+        feats = tower(inp.pixel_values_PC.to(dev), inp.image_grid_thw_N3.to(dev))
+    return replace(inp, image_features_TH=feats)

@@ -288,6 +288,9 @@ class VLInputs:
     """Boolean [B, 1, S, S], True = masked out (causal + padding)."""
     pixel_values_PC: Optional[torch.Tensor] = None
     image_grid_thw_N3: Optional[torch.Tensor] = None
+    image_features_TH: Optional[torch.Tensor] = None
+    """The merger's output for these images, computed earlier (a frozen vision tower: once per RL
+    step for all passes); None: computed from pixel_values_PC in the forward."""
 
 
 class Qwen25VLModel(MegatronModule):
@@ -338,7 +341,10 @@ class Qwen25VLModel(MegatronModule):
             if n_tok:
                 raise ValueError(f"input has {n_tok} image tokens but no pixel_values")
             return emb_SBH
-        feats = self.vision_model(inp.pixel_values_PC, inp.image_grid_thw_N3).to(emb_SBH.dtype)
+        if inp.image_features_TH is not None:
+            feats = inp.image_features_TH.to(emb_SBH.dtype)
+        else:
+            feats = self.vision_model(inp.pixel_values_PC, inp.image_grid_thw_N3).to(emb_SBH.dtype)
         if feats.shape[0] != n_tok:
             raise ValueError(
                 f"image features ({feats.shape[0]}) and image tokens ({n_tok}) do not match: each image "
