@@ -1,4 +1,4 @@
-"""The tiny default task (NOTES-tiny-demo.md): count the red shapes in a 112x112 picture.
+"""The tiny default task (docs/cpu.md, "The tiny task and model"): count the red shapes in a 112x112 picture.
 
 Each picture holds 1-5 shapes (circle / square; red / blue / green; 12-20 px), each inside its own
 cell of a 4x4 grid of 28x28 cells -- one merged vision token per cell, 16 image tokens per image.
@@ -21,8 +21,25 @@ the splits are disjoint by *layout* -- the set of (cell, shape, colour) -- so a 
 never a jittered copy of a training one. Splits are drawn in the order test, val, train, sft, each
 from its own generator, so the test set does not change when n_train does.
 
+Imperfect cold start (`cold_start="imperfect"`, for the ablation in docs/ablation.md): the SFT rows
+are written as a weaker process would, while the RL parquets (and their answers) stay exact.
+
+* `wrong_rate` of the rows reach a wrong conclusion: the think text overlooks the bottom row of the
+  grid (its shapes are left out of the list, so its red shapes are not counted) and the answer
+  follows the think text. The error is a systematic blind spot, not noise: it is given first to
+  rows with a red shape in the bottom row (about 41 % of pictures), so with wrong_rate above ~0.2
+  most such pictures are answered wrongly and a model that imitates the data well learns the blind
+  spot (greedy decoding follows the majority), while a reward on the answer can remove it. Only
+  when wrong_rate exceeds that share are other rows made wrong too (count off by one).
+* `overthink_rate` of the rows "overthink": 2-3 repeated re-check sentences (`Again:
+  red shapes: N.`, ~13 tokens each) before `</think>`, given first to busy pictures (4-5 shapes, ~59 %).
+
+Both rates are exact: round(rate * n_sft) rows each, picked by a generator of their own, so the
+pictures are the same as in the perfect data. The default (`cold_start="perfect"`) output is
+unchanged.
+
 CLI: `python -m megatron_vr1.data.synthetic --out DIR [--n-train 2000 --n-val 200 --n-test 200
---n-sft 2000 --seed 0]`.
+--n-sft 2000 --seed 0] [--cold-start imperfect --wrong-rate 0.3 --overthink-rate 0.4]`.
 """
 
 from __future__ import annotations
@@ -122,6 +139,58 @@ def cot_response(shapes: list[Shape], answer: int | str) -> str:
     return f"<think>I see {seen}. Red shapes: {answer}.</think><answer>{answer}</answer>"
 
 
+RECHECK = "Again: red shapes: {n}."
+"""An overthinking sentence of the imperfect cold start (never in the perfect rows)."""
+COLD_STARTS = ("perfect", "imperfect")
+
+
+def imperfect_response(shapes: list[Shape], answer: int | str, wrong: bool, overthink: int,
+                       rng: random.Random | None = None) -> tuple[str, int]:
+    """The weaker process's CoT for one picture, and the answer it concludes.
+
+    wrong: overlook the bottom grid row (if that changes nothing, i.e. no red shape there, the
+    count is off by one instead, drawn from `rng`); overthink: that many re-check sentences.
+    """
+    answer = int(answer)
+    said = shapes
+    if wrong:
+        said = [s for s in shapes if s.row != GRID - 1]
+        concluded = sum(s.color == "red" for s in said)
+        if concluded == answer:  # no red shape in the bottom row: a plain miscount
+            said = shapes
+            step = (rng or random).choice((-1, 1))
+            concluded = answer + step if 0 <= answer + step <= MAX_RED else answer - step
+    else:
+        concluded = answer
+    seen = ", ".join(f"a {s.color} {s.kind}" for s in said) if said else "no shapes"
+    checks = "".join(" " + RECHECK.format(n=concluded) for _ in range(overthink))
+    text = f"<think>I see {seen}. Red shapes: {concluded}.{checks}</think><answer>{concluded}</answer>"
+    return text, concluded
+
+
+def _pick(n: int, preferred: list[int], k: int, rng: random.Random) -> set[int]:
+    """k of range(n): a random subset of `preferred` first, then random others."""
+    k = min(max(k, 0), n)
+    first = set(rng.sample(preferred, min(k, len(preferred))))
+    rest = [i for i in range(n) if i not in first]
+    return first | set(rng.sample(rest, k - len(first)))
+
+
+def imperfect_plan(problems: list[Problem], wrong_rate: float, overthink_rate: float,
+                   seed: int) -> list[tuple[bool, int]]:
+    """(wrong, number of re-check sentences) per SFT row; see the module docstring."""
+    for name, rate in (("wrong_rate", wrong_rate), ("overthink_rate", overthink_rate)):
+        if not 0 <= rate <= 1:
+            raise ValueError(f"{name} ({rate}) must be in [0, 1]")
+    rng = random.Random(f"megatron-vr1-synthetic:{seed}:imperfect-coldstart")
+    n = len(problems)
+    blind = [i for i, p in enumerate(problems) if any(s.row == GRID - 1 and s.color == "red" for s in p.shapes)]
+    busy = [i for i, p in enumerate(problems) if len(p.shapes) >= 4]
+    wrong = _pick(n, blind, round(wrong_rate * n), rng)
+    over = _pick(n, busy, round(overthink_rate * n), rng)
+    return [(i in wrong, rng.randint(2, 3) if i in over else 0) for i in range(n)]
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -209,9 +278,12 @@ def write_rl_parquet(path: Path, problems: list[Problem]) -> None:
 
 
 def write_sft_jsonl(out: Path, problems: list[Problem], jsonl_name: str = "coldstart_sft.jsonl",
-                    image_dir: str = "images") -> None:
+                    image_dir: str = "images", responses: list[str] | None = None) -> None:
     """LLaVA-CoT rows + PNGs. The image folder is built aside and swapped in before the JSONL is
-    renamed into place, so the JSONL never names a missing image."""
+    renamed into place, so the JSONL never names a missing image. `responses`: the assistant turns
+    (default: the perfect `cot_response` of each problem)."""
+    if responses is not None and len(responses) != len(problems):
+        raise ValueError(f"{len(responses)} responses for {len(problems)} problems")
     images_final = out / image_dir
     images_tmp = Path(tempfile.mkdtemp(prefix=f".{image_dir}.tmp-", dir=out))
     jsonl_final = out / jsonl_name
@@ -226,7 +298,8 @@ def write_sft_jsonl(out: Path, problems: list[Problem], jsonl_name: str = "colds
                 "image": f"{image_dir}/{name}",
                 "conversations": [
                     {"from": "human", "value": PROBLEM},
-                    {"from": "gpt", "value": cot_response(p.shapes, p.answer)},
+                    {"from": "gpt", "value": cot_response(p.shapes, p.answer) if responses is None
+                     else responses[i]},
                 ],
             }
             lines.append(json.dumps(row))
@@ -263,11 +336,16 @@ class SyntheticFiles:
 
 
 def write_synthetic(out_dir, n_train: int = 2000, n_val: int = 200, n_test: int = 200, n_sft: int = 2000,
-                    seed: int = 0) -> SyntheticFiles:
+                    seed: int = 0, cold_start: str = "perfect", wrong_rate: float = 0.3,
+                    overthink_rate: float = 0.4) -> SyntheticFiles:
     """Write the RL parquets and the cold-start JSONL + images into `out_dir` (created if needed).
 
-    Existing files of the same names are replaced atomically; other files are left alone.
+    cold_start: "perfect" (every CoT right and short) or "imperfect" (wrong_rate of the rows conclude
+    wrongly, overthink_rate overthink; the rates are unused with "perfect"). Existing files of the
+    same names are replaced atomically; other files are left alone.
     """
+    if cold_start not in COLD_STARTS:
+        raise ValueError(f"cold_start ({cold_start!r}) must be one of {', '.join(COLD_STARTS)}")
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory; pick another output folder")
@@ -278,7 +356,13 @@ def write_synthetic(out_dir, n_train: int = 2000, n_val: int = 200, n_test: int 
     write_rl_parquet(files.train, splits["train"])
     write_rl_parquet(files.val, splits["val"])
     write_rl_parquet(files.test, splits["test"])
-    write_sft_jsonl(out, splits["sft"])
+    responses = None
+    if cold_start == "imperfect":
+        plan = imperfect_plan(splits["sft"], wrong_rate, overthink_rate, seed)
+        rng = random.Random(f"megatron-vr1-synthetic:{seed}:imperfect-miscount")
+        responses = [imperfect_response(p.shapes, p.answer, wrong, over, rng)[0]
+                     for p, (wrong, over) in zip(splits["sft"], plan)]
+    write_sft_jsonl(out, splits["sft"], responses=responses)
     return files
 
 
@@ -293,9 +377,14 @@ def main(argv=None) -> int:
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--n-sft", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cold-start", choices=COLD_STARTS, default="perfect",
+                        help="imperfect: a share of wrong conclusions and of overthinking in the SFT rows")
+    parser.add_argument("--wrong-rate", type=float, default=0.3, help="imperfect: share of wrong conclusions")
+    parser.add_argument("--overthink-rate", type=float, default=0.4, help="imperfect: share of overthinking rows")
     args = parser.parse_args(argv)
     try:
-        files = write_synthetic(args.out, args.n_train, args.n_val, args.n_test, args.n_sft, args.seed)
+        files = write_synthetic(args.out, args.n_train, args.n_val, args.n_test, args.n_sft, args.seed,
+                                args.cold_start, args.wrong_rate, args.overthink_rate)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
     print(files.train.parent)
