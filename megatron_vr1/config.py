@@ -698,6 +698,11 @@ class Config:
                 f"parallel.pp ({pp}) must divide the number of layers ({text.num_layers}) of "
                 f"{where}; use pp in {_fmt_set(_divisors(text.num_layers))}"
             )
+        if rl:  # the vLLM rollout engine splits the model at its own TP (rollout/layout.py)
+            from megatron_vr1.rollout.layout import check_rollout_tp, rollout_tp
+
+            check_rollout_tp(arch, rollout_tp(self), "rollout.tensor_parallel_size" if
+                             self.rollout.tensor_parallel_size else "parallel.tp (rollout.tensor_parallel_size: null)")
         for i, stage in enumerate(self.ptst.stages if rl else ()):
             total = self.data.max_prompt_length + stage.max_response_length
             if stage.enabled and total > text.max_position_embeddings:

@@ -19,13 +19,17 @@ Per GPU, with P = parameters of the stage / TP (norms are replicated), T = its t
                  fp32 logits and their gradient on the last stage (2 x 4*s*b*V/t); a trainable vision
                  tower adds a*patches*b*(5*hv + 3*Fv)/t per vision layer (one image at data.max_pixels).
   rollout engine (RL only) vLLM takes rollout.gpu_memory_utilization x the GPU while rolling out:
-                 its weights (all parameters / engine TP, engine TP = parallel.tp unless --rollout-tp),
-                 ~2 GiB of profiled activations, the rest is KV cache (2*L*kv_heads*d*a / engine TP per
-                 token). It sleeps (sleep mode level 1: weights to host, KV dropped) while training.
+                 its weights (all parameters / engine TP: each GPU is one shard of an engine replica
+                 spanning engine-TP GPUs; engine TP = --rollout-tp, else rollout.tensor_parallel_size,
+                 else parallel.tp), ~2 GiB of profiled activations, the rest is KV cache
+                 (2*L*max(1, kv_heads/engine TP)*d*a per token). It sleeps (sleep mode level 1: weights
+                 to host, KV dropped) while training. The engine TP must split the model as vLLM does
+                 (rollout/layout.py): an engine TP that does not is refused before any estimate.
   overhead       3 GiB: CUDA context, NCCL buffers, allocator fragmentation.
 Two peaks are checked: rollout (persistent state + the engine's share) and training (persistent
 state + activations + overhead). When one does not fit, the command exits with status 2 and names
-the changes that would make it fit (raise TP, PP, recompute, more nodes, a smaller engine share).
+the changes that would make it fit (raise TP, PP, recompute, the engine TP, more nodes, a smaller
+engine share).
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 GiB = 2**30
 OVERHEAD_BYTES = 3 * GiB
@@ -132,7 +135,19 @@ def layout_from(cfg, *, gpu_gib=None, rollout_tp=None) -> Layout:
     return Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, sequence_parallel=cfg.parallel.sequence_parallel,
                   micro_batch_size=cfg.parallel.micro_batch_size, recompute=getattr(cfg.parallel, "recompute", False),
                   nodes=s.nodes, gpus_per_node=s.gpus_per_node or s.procs, gpu_gib=gpu_gib or s.gpu_memory_gib,
-                  rollout_util=cfg.rollout.gpu_memory_utilization, rollout_tp=rollout_tp or cfg.parallel.tp)
+                  rollout_util=cfg.rollout.gpu_memory_utilization,
+                  rollout_tp=rollout_tp or cfg.rollout.tensor_parallel_size or cfg.parallel.tp)
+
+
+def check_layout(arch, layout: "Layout", mode: str = "rl") -> None:
+    """ValueError (naming the size and the TPs that work) when the rollout engine cannot be laid out:
+    vLLM cannot split the model at the engine TP, or the engine TP does not divide the GPUs."""
+    from megatron_vr1.rollout.layout import check_rollout_tp, check_world
+
+    if mode != "rl":
+        return
+    check_rollout_tp(arch, layout.rollout_tp, "--rollout-tp / rollout.tensor_parallel_size / parallel.tp")
+    check_world(layout.nodes * layout.gpus_per_node, layout.rollout_tp)
 
 
 def detect_mode(cfg) -> str:
@@ -244,12 +259,17 @@ def _valid_tp(arch, limit: int) -> list[int]:
 def fixes(cfg, arch, layout: Layout, mode: str) -> list[str]:
     """For each kind of change (TP, PP, recompute, engine share, nodes) the smallest one that makes
     the plan fit; TP x PP pairs only when no single change does."""
+    from megatron_vr1.rollout.layout import valid_rollout_tps
+
     tps = [d for d in _valid_tp(arch, layout.gpus_per_node) if d > layout.tp]
+    engine_tps = [d for d in valid_rollout_tps(arch, layout.gpus_per_node) if d > layout.rollout_tp]
     pps = [d for d in range(layout.pp + 1, arch.text.num_layers + 1) if arch.text.num_layers % d == 0]
     kinds: list[list[tuple[str, Layout]]] = [
         [(f"raise parallel.tp to {tp}", replace(layout, tp=tp, rollout_tp=max(layout.rollout_tp, tp))) for tp in tps],
         [(f"raise parallel.pp to {pp}", replace(layout, pp=pp)) for pp in pps],
         [("set parallel.recompute=true", replace(layout, recompute=True))] if not layout.recompute else [],
+        [(f"raise rollout.tensor_parallel_size to {t}", replace(layout, rollout_tp=t))
+         for t in engine_tps if mode == "rl" and (layout.nodes * layout.gpus_per_node) % t == 0],
         [(f"lower rollout.gpu_memory_utilization to {u}", replace(layout, rollout_util=u))
          for u in (0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25) if mode == "rl" and u < layout.rollout_util],
         [(f"raise slurm.nodes to {n} (DP {n * layout.gpus_per_node // (layout.tp * layout.pp)})", replace(layout, nodes=n))
@@ -297,6 +317,7 @@ def check_fits(cfg, arch, where: str = "the recipe") -> None:
     (what `slurm submit` runs before anything reaches the queue)."""
     layout = layout_from(cfg)
     mode = detect_mode(cfg)
+    check_layout(arch, layout, mode)
     plan = estimate(cfg, arch, layout, mode)
     if plan.fits:
         return
@@ -322,6 +343,7 @@ def run(args) -> int:
     layout = layout_from(cfg, gpu_gib=args.gpu_memory_gib, rollout_tp=args.rollout_tp)
     cfg.parallel.dp(layout.nodes * layout.gpus_per_node)  # tp*pp must divide the GPUs
     mode = args.mode or detect_mode(cfg)
+    check_layout(arch, layout, mode)  # a layout vLLM cannot build is refused before any estimate
     plan = estimate(cfg, arch, layout, mode)
     print(format_plan(plan, arch))
     if plan.fits:

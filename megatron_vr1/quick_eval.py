@@ -18,7 +18,6 @@ def greedy_accuracy(hf_dir: str | Path, data: str | Path, max_tokens: int = 64, 
     from megatron_vr1.config import load_hf_arch
     from megatron_vr1.data.rl_dataset import build_prompt, load_rl_rows
     from megatron_vr1.hf_processor import load_processor
-    from megatron_vr1.rewards import score_batch
     from megatron_vr1.rollout.engine import SamplingSettings
     from megatron_vr1.rollout.vllm_engine import VLLMEngine
 
@@ -31,6 +30,14 @@ def greedy_accuracy(hf_dir: str | Path, data: str | Path, max_tokens: int = 64, 
                                  SamplingSettings(n=1, max_tokens=max_tokens, temperature=0.0))
     finally:
         engine.shutdown()
+    return greedy_scores(groups, rows)
+
+
+def greedy_scores(groups, rows) -> dict:
+    """Accuracy (HFRRF reward 1), format rate and mean length of one greedy response per row: the
+    numbers of this script and of the RL loop's validation alike."""
+    from megatron_vr1.rewards import score_batch
+
     res = score_batch([g[0].response_text for g in groups], [r.answer for r in rows], reward="hfrrf")
     n = len(rows)
     return {"n": n, "accuracy": sum(x.reward for x in res) / n, "format_rate": sum(x.format_ok for x in res) / n,

@@ -32,7 +32,12 @@ Sizes and why:
   image tokens after the 2x2 merge (224x224 -> 64 tokens). The saved processor uses the PIL
   backend (``Qwen2VLImageProcessorPil``) so it works without torchvision.
 
-CLI: ``python -m megatron_vr1.tiny_model --out DIR [--seed N] [--tie-word-embeddings] [--overwrite]``.
+* ``--tp-friendly`` (``tp_friendly=True``): the same model with the vision MLP at 172 instead of 171,
+  so every size vLLM splits over tensor-parallel ranks divides by 2 (heads 4, KV heads 2, FFN 256,
+  vision heads 2, vision MLP 172, merger 256): a rollout engine at TP 2 can hold it. The demo model
+  stays at 171 (vLLM refuses it at TP 2; the trainer pads it to 192 and runs at any TP).
+
+CLI: ``python -m megatron_vr1.tiny_model --out DIR [--seed N] [--tie-word-embeddings] [--tp-friendly] [--overwrite]``.
 """
 
 from __future__ import annotations
@@ -86,6 +91,9 @@ VISION_CONFIG = {
     "tokens_per_second": 2,
     "initializer_range": 0.02,
 }
+
+TP_FRIENDLY_VISION_INTERMEDIATE = 172
+"""Vision MLP size of the `--tp-friendly` model: divisible by 2 (and 4), unlike the demo's 171."""
 
 MIN_PIXELS = 56 * 56  # 3136
 MAX_PIXELS = 256 * 28 * 28  # 200704
@@ -272,7 +280,7 @@ def _token_ids(tok) -> dict[str, int]:
     return ids
 
 
-def _build_config(ids: dict[str, int], tie_word_embeddings: bool):
+def _build_config(ids: dict[str, int], tie_word_embeddings: bool, tp_friendly: bool = False):
     from transformers import Qwen2_5_VLConfig
 
     text = dict(TEXT_CONFIG)
@@ -285,7 +293,8 @@ def _build_config(ids: dict[str, int], tie_word_embeddings: bool):
     text["tie_word_embeddings"] = tie_word_embeddings
     return Qwen2_5_VLConfig(
         text_config=text,
-        vision_config=dict(VISION_CONFIG),
+        vision_config=dict(VISION_CONFIG, **({"intermediate_size": TP_FRIENDLY_VISION_INTERMEDIATE}
+                                             if tp_friendly else {})),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -327,7 +336,7 @@ def _save_processor(folder: Path, tok) -> None:
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _write_checkpoint(folder: Path, seed: int, tie_word_embeddings: bool) -> None:
+def _write_checkpoint(folder: Path, seed: int, tie_word_embeddings: bool, tp_friendly: bool = False) -> None:
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -335,7 +344,7 @@ def _write_checkpoint(folder: Path, seed: int, tie_word_embeddings: bool) -> Non
     if len(tok) >= MODEL_VOCAB_SIZE:
         raise RuntimeError(f"tokenizer has {len(tok)} tokens, must be < {MODEL_VOCAB_SIZE}")
     ids = _token_ids(tok)
-    config = _build_config(ids, tie_word_embeddings)
+    config = _build_config(ids, tie_word_embeddings, tp_friendly)
 
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG state
         torch.manual_seed(seed)
@@ -358,8 +367,10 @@ def _apply_umask_permissions(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def build_tiny_model(out_dir, seed: int = 0, tie_word_embeddings: bool = False, overwrite: bool = False) -> Path:
-    """Write the tiny Qwen2.5-VL checkpoint to ``out_dir`` and return its path.
+def build_tiny_model(out_dir, seed: int = 0, tie_word_embeddings: bool = False, overwrite: bool = False,
+                     tp_friendly: bool = False) -> Path:
+    """Write the tiny Qwen2.5-VL checkpoint to ``out_dir`` and return its path (``tp_friendly``: the
+    vision MLP at 172, so a TP=2 rollout engine can split it).
 
     The folder is built in a temporary sibling and renamed into place, so ``out_dir`` is never
     left half-written. An existing non-empty ``out_dir`` is refused unless ``overwrite=True``.
@@ -372,7 +383,7 @@ def build_tiny_model(out_dir, seed: int = 0, tie_word_embeddings: bool = False, 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_checkpoint(tmp, seed=seed, tie_word_embeddings=tie_word_embeddings)
+        _write_checkpoint(tmp, seed=seed, tie_word_embeddings=tie_word_embeddings, tp_friendly=tp_friendly)
         _apply_umask_permissions(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -395,6 +406,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output checkpoint folder")
     parser.add_argument("--seed", type=int, default=0, help="torch seed for the random weights (default 0)")
     parser.add_argument("--tie-word-embeddings", action="store_true", help="tie lm_head to the input embedding")
+    parser.add_argument("--tp-friendly", action="store_true",
+                        help="vision MLP 172 instead of 171: every size vLLM splits divides by 2 (rollout TP 2)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -402,7 +415,8 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     try:
         path = build_tiny_model(
-            args.out, seed=args.seed, tie_word_embeddings=args.tie_word_embeddings, overwrite=args.overwrite
+            args.out, seed=args.seed, tie_word_embeddings=args.tie_word_embeddings, overwrite=args.overwrite,
+            tp_friendly=args.tp_friendly,
         )
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")

@@ -44,6 +44,23 @@ def tiny_mcore_tied(tiny_hf_tied) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_hf_tp(tmp_path_factory) -> Path:
+    """The tiny model with every size vLLM splits divisible by 2 (vision MLP 172): rollout TP 2."""
+    from megatron_vr1.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_tp") / "hf", seed=0, tp_friendly=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_mcore_tp(tiny_hf_tp) -> Path:
+    from checkpoints_conv.convert import hf_to_mcore
+
+    out = tiny_hf_tp.parent / "mcore"
+    hf_to_mcore(tiny_hf_tp, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def single_rank():
     """A one-process gloo group with TP=PP=1 model-parallel state (for in-process model tests)."""
     import os

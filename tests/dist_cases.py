@@ -390,7 +390,10 @@ def engine_replicas(hf_dir: str, mcore_dir: str, rollout_tp: int, layouts: list,
                RolloutPrompt(chat("How many blue circles are there?", 1), [_image(112, 112, 9)]),
                RolloutPrompt(chat("Count the squares.", 0))]
     everything = list(range(len(prompts)))
-    out: dict = {"replica": lay.replica, "replicas": lay.replicas, "shard": lay.shard}
+    pc = engine.llm.llm_engine.vllm_config.parallel_config
+    out: dict = {"replica": lay.replica, "replicas": lay.replicas, "shard": lay.shard,
+                 "vllm": [pc.tensor_parallel_size, pc.data_parallel_size, pc.data_parallel_rank,
+                          pc.distributed_executor_backend]}
     greedy = generate_groups(engine, len(prompts), prompts.__getitem__,
                              SamplingSettings(n=1, max_tokens=greedy_tokens, temperature=0.0), everything)
     out["greedy"] = [g[0].response_ids for g in greedy]
@@ -465,3 +468,36 @@ def engine_replicas(hf_dir: str, mcore_dir: str, rollout_tp: int, layouts: list,
     dist.barrier()
     engine.shutdown()
     return out
+
+
+def loop_engine_calls(config: str, overrides: list) -> list:
+    """Runs `rl.loop.train` with the real engine's and the trainer's phases wrapped to record the
+    order of calls: the engine's generate / sleep / wake_up / update_weights, and the trainer's
+    logprob pass and policy update."""
+    import functools
+
+    from megatron_vr1.config import load_config, load_hf_arch
+    from megatron_vr1.rl import loop
+    from megatron_vr1.rollout.vllm_engine import VLLMEngine
+
+    calls: list = []
+
+    def record(owner, name, label=None):
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            calls.append(label or name)
+            return fn(*args, **kwargs)
+
+        setattr(owner, name, wrapper)
+
+    for name in ("generate", "sleep", "wake_up", "update_weights", "prompt_logprobs"):
+        record(VLLMEngine, name)
+    record(loop, "prepare_batches", "trainer:logprobs")
+    record(loop, "policy_updates", "trainer:update")
+    cfg = load_config(config, overrides)
+    arch = load_hf_arch(cfg.model.hf_path)
+    cfg.validate_against(arch)
+    loop.train(cfg, arch)
+    return calls

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from checkpoints_conv.arch import load_hf_arch
-from checkpoints_conv.convert import FORMAT, INFO, hf_to_mcore, mcore_to_hf
+from checkpoints_conv.convert import FORMAT, INFO, mcore_to_hf
 from checkpoints_conv.hf_io import HFReader, read_header, write_safetensors
 from megatron_vr1.checkpointing import is_complete, latest_checkpoint, prune_checkpoints
 from megatron_vr1.cli import main as cli

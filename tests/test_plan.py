@@ -118,3 +118,35 @@ def test_submit_refuses_a_layout_that_does_not_fit(capsys):
     assert "does not fit 80 GiB GPUs (rollout needs 82.5 GiB per GPU" in err and "raise parallel.pp to 4" in err
     assert cli.main([*args, "--no-plan-check"]) == 0
     assert "#SBATCH" in capsys.readouterr().out
+
+
+def test_rollout_tp_layout_memory_and_refusal(capsys, tiny_hf):
+    """The engine's share per GPU follows rollout.tensor_parallel_size (each GPU one shard of a replica);
+    a rollout TP vLLM cannot split the model at is refused by `plan` and `slurm submit` before any
+    estimate, naming the size and the TPs that work; the three recipes pass."""
+    from megatron_vr1 import cli
+    from megatron_vr1.rollout.layout import check_rollout_tp, valid_rollout_tps
+
+    cfg, arch = _recipe("7b", "parallel.tp=2", "rollout.tensor_parallel_size=4")
+    lay = layout_from(cfg)
+    assert lay.rollout_tp == 4 and layout_from(_recipe("7b", "parallel.tp=2")[0]).rollout_tp == 2
+    plan = estimate(cfg, arch, lay, "rl")
+    assert _row(plan, "  engine weights") == pytest.approx(2 * param_counts(arch).total / 4)
+    for size in ("7b", "32b", "72b"):  # the recipes' own layouts
+        cfg, arch = _recipe(size)
+        check_rollout_tp(arch, layout_from(cfg).rollout_tp)
+    assert valid_rollout_tps(load_hf_arch(ARCH / "qwen2.5-vl-7b"), 8) == [1, 2, 4]  # 28 heads
+    assert valid_rollout_tps(load_hf_arch(ARCH / "qwen2.5-vl-72b"), 8) == [1, 2, 4, 8]  # vision MLP 3456
+    r = _plan_cli(REPO / "configs/qwen25vl_7b_ptst.yaml", f"model.hf_path={ARCH / 'qwen2.5-vl-7b'}", "--rollout-tp", "8")
+    assert r.returncode == 2 and "attention heads (28)" in r.stderr and "{1,2,4}" in r.stderr, r.stderr
+    assert "GiB" not in r.stdout  # refused before any estimate
+    # the demo tiny model (vision MLP 171) at rollout TP 2: config, plan and slurm submit refuse it
+    tiny = [f"model.hf_path={tiny_hf}", "parallel.tp=2"]
+    r = _plan_cli(REPO / "configs/tiny_cpu.yaml", *tiny)
+    assert r.returncode == 2 and "vision MLP size" in r.stderr and "(171)" in r.stderr, r.stderr
+    assert cli.main(["slurm", "submit", str(REPO / "configs/tiny_cpu.yaml"), *tiny, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "vision MLP size" in err and "(171)" in err and "--tp-friendly" in err, err
+    assert cli.main(["slurm", "submit", str(REPO / "configs/tiny_cpu.yaml"), *tiny,
+                     "rollout.tensor_parallel_size=1", "--dry-run"]) == 0
+    assert "#SBATCH" in capsys.readouterr().out

@@ -128,32 +128,6 @@ def test_rl_learning_rate_schedule(tmp_path):
     assert lrs[-1] > 0 and lrs == sorted(lrs[:2]) + lrs[2:]
 
 
-@pytest.mark.slow
-def test_tp2_run_equals_tp1_run(tiny_hf, tiny_cold_start, tmp_path):
-    """The loop at TP=2 under torchrun (every rank starts a vLLM engine; the first of the
-    model-parallel group generates) gives the same steps as one process: the same rollouts, and the
-    first step's loss, KL and grad norm within 1e-5. Later steps agree to a few percent only (seen:
-    1.6e-3 on the loss at step 2, 2.5e-2 on the KL at step 3): Adam turns 1e-7 differences of
-    near-zero gradients into lr-sized steps of different sign."""
-    data, cold = tiny_cold_start["data"], tiny_cold_start["mcore"]
-    base = _train_cmd(tmp_path / "tp1", tiny_hf, cold, data, (2, 1), "logging.val_interval=0")
-    one = _train(tmp_path / "tp1", tiny_hf, cold, data, (2, 1), "logging.val_interval=0")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *base[1:],
-           "parallel.tp=2"]
-    cmd[cmd.index(f"run_dir={tmp_path / 'tp1' / 'rl'}")] = f"run_dir={tmp_path / 'tp2' / 'rl'}"
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stderr[-4000:]
-    two = [json.loads(line) for line in (tmp_path / "tp2" / "rl" / "metrics.jsonl").read_text().splitlines()]
-    a, b = ([x for x in rows if "reward/mean" in x] for rows in (one, two))
-    assert len(a) == len(b) == 3
-    for step, (x, y) in enumerate(zip(a, b), start=1):
-        for k in ("reward/mean", "rollout/len_mean", "rollout/len_max"):
-            assert x[k] == y[k], (step, k)
-        tol = 1e-5 if step == 1 else 0.1
-        for k in ("train/loss", "train/kl", "train/grad_norm", "train/entropy"):
-            assert y[k] == pytest.approx(x[k], rel=tol, abs=1e-7), (step, k, x[k], y[k])
-
-
 def _replay(tmp, hf, mcore, data, *overrides, steps=3):
     out = tmp / "replay.json"
     cmd = [sys.executable, str(REPO / "tests" / "replay_golden.py"), "--hf", str(hf), "--mcore", str(mcore),

@@ -89,3 +89,22 @@ def test_resync_tensors_every_layout_bounded_buckets(tiny_hf, tiny_mcore):
     for r in res:
         assert set(r) == {"tp1pp1", "tp2pp1", "tp1pp2", "tp2pp2"}
         assert all(v["tensors"] == 81 and v["buckets"] > 5 for v in r.values()), r
+
+
+def test_harmless_reload_warnings_are_dropped():
+    """The in-place reload's "<layer>: Failed to load weights" for the rotary caches and the CPU
+    fused norm is dropped; the same message for any other layer still shows."""
+    import logging
+
+    from megatron_vr1.rollout.vllm_engine import VLLM_RELOAD_LOGGER, quiet_vllm_num_threads_warning
+
+    quiet_vllm_num_threads_warning()
+    logger = logging.getLogger(VLLM_RELOAD_LOGGER)
+
+    def passes(layer):
+        rec = logger.makeRecord(VLLM_RELOAD_LOGGER, logging.WARNING, __file__, 1, "%s: Failed to load weights",
+                                (layer,), None)
+        return all(f.filter(rec) for f in logger.filters)
+
+    assert not passes("MRotaryEmbedding") and not passes("RotaryEmbedding") and not passes("FusedMMInputNorm")
+    assert passes("QKVParallelLinear")

@@ -193,3 +193,26 @@ def test_refuses_non_empty_out_dir_unless_overwrite(tmp_path):
     assert not (out / "stray.txt").exists()
     assert (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
+
+
+def test_tp_friendly_differs_only_in_the_vision_mlp(tmp_path, ckpt):
+    """`--tp-friendly`: the vision MLP is 172 (divisible by 2) instead of 171, everything else as the
+    demo model; the rollout layout check accepts it at TP 2 and refuses the demo model."""
+    from megatron_vr1.config import load_hf_arch
+    from megatron_vr1.rollout.layout import check_rollout_tp, valid_rollout_tps
+
+    assert tm.main(["--out", str(tmp_path / "tp"), "--tp-friendly"]) == 0
+    a = json.loads((ckpt / "config.json").read_text())
+    b = json.loads((tmp_path / "tp" / "config.json").read_text())
+    assert a["vision_config"].pop("intermediate_size") == 171
+    assert b["vision_config"].pop("intermediate_size") == 172
+    assert a == b
+    ta, tb = _tensors(ckpt), _tensors(tmp_path / "tp")
+    assert set(ta) == set(tb)
+    gate = next(k for k in tb if "blocks.0.mlp.gate_proj.weight" in k)
+    assert tb[gate].shape == (172, 64) and ta[gate].shape == (171, 64)
+    check_rollout_tp(load_hf_arch(tmp_path / "tp"), 2)
+    assert valid_rollout_tps(load_hf_arch(tmp_path / "tp"), 8) == [1, 2]
+    assert valid_rollout_tps(load_hf_arch(ckpt), 8) == [1]
+    with pytest.raises(ValueError, match=r"vision MLP size .*\(171\).*\{1\}"):
+        check_rollout_tp(load_hf_arch(ckpt), 2)

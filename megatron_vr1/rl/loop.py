@@ -51,13 +51,11 @@ class RLRun:
     ref: Optional["Qwen25VLModel"]
     """Frozen reference policy (None when grpo.kl_beta == 0)."""
     engine: Optional["VLLMEngine"]
-    """The engine this rank generates with: the first rank of each model-parallel group."""
+    """This rank's shard of its rollout-engine replica (rollout/replicas.py): every rank generates."""
     processor: Any
     sampler: "PromptSampler"
     val_rows: list["RLRow"]
     state: LoopState
-    idle_engine: Optional["VLLMEngine"] = None
-    """The other ranks' engine: built, never used (see setup)."""
 
     @property
     def model(self):
@@ -131,13 +129,6 @@ def train(cfg, arch, start_stage: int = 0) -> Path:
 # ----------------------------------------------------------------------------- set-up
 
 
-def _first_of_model_parallel_group() -> bool:
-    """Whether this rank is the first of its trainer model-parallel group (TP and PP rank 0)."""
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
-
-
 def setup(cfg, arch, start_stage: int = 0) -> RLRun:
     from megatron_vr1.checkpointing import latest_checkpoint
     from megatron_vr1.data.rl_dataset import PromptSampler, load_rl_rows
@@ -182,11 +173,10 @@ def setup(cfg, arch, start_stage: int = 0) -> RLRun:
                         kv_cache_bytes=kv, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                         seed=cfg.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
                         tensor_parallel_size=tp)
-    idle = None
     run = RLRun(cfg=cfg, arch=arch, session=session, ref=session.ref, engine=engine,
                 processor=load_processor(cfg.model.hf_path, min_pixels=cfg.data.min_pixels,
                                          max_pixels=cfg.data.max_pixels),
-                sampler=sampler, val_rows=val_rows, state=state, idle_engine=idle)
+                sampler=sampler, val_rows=val_rows, state=state)
     resync(run, full=True)  # the engine starts from the HF weights; the policy may be the cold-start checkpoint
     if state.global_step == 0:  # the cold start is the first candidate for `best`
         stages = [s for s in cfg.ptst.stages if s.enabled]
@@ -386,7 +376,7 @@ def evaluate(run: RLRun, max_tokens: int) -> Optional[float]:
     """Greedy accuracy (HFRRF reward 1) on the validation rows: each engine replica generates its
     slice, every rank gets all of them (all ranks call this together)."""
     from megatron_vr1.data.rl_dataset import build_prompt
-    from megatron_vr1.rewards import score_batch
+    from megatron_vr1.quick_eval import greedy_scores
     from megatron_vr1.rollout.engine import SamplingSettings
     from megatron_vr1.rollout.replicas import generate_groups
 
@@ -396,11 +386,9 @@ def evaluate(run: RLRun, max_tokens: int) -> Optional[float]:
     groups = generate_groups(run.engine, len(rows), lambda i: build_prompt(rows[i], run.processor,
                                                                            run.cfg.data.system_prompt),
                              SamplingSettings(n=1, max_tokens=max_tokens, temperature=0.0), range(len(rows)))
-    res = score_batch([g[0].response_text for g in groups], [r.answer for r in run.val_rows], reward="hfrrf")
-    acc = float(np.mean([x.reward for x in res]))
-    lens = [len(g[0].response_ids) for g in groups]
-    run.sink.log({"eval/accuracy": acc, "eval/len_mean": float(np.mean(lens))}, run.state.global_step)
-    return acc
+    m = greedy_scores(groups, rows)
+    run.sink.log({"eval/accuracy": m["accuracy"], "eval/len_mean": m["len_mean"]}, run.state.global_step)
+    return float(m["accuracy"])
 
 
 def maybe_eval(run: RLRun, stage) -> None:

@@ -63,17 +63,41 @@ class _DropNumThreadsWarning(logging.Filter):
         return not message.startswith(NUM_THREADS_WARNING)
 
 
-def quiet_vllm_num_threads_warning() -> logging.Filter:
-    """Installs (once per process; later calls are no-ops) the filter that drops vLLM's repeated
-    set_num_threads warning; returns the installed filter. Safe before vLLM is imported: filters
-    live on the named logger, which vLLM fetches by the same name."""
-    logger = logging.getLogger(VLLM_CPU_WORKER_LOGGER)
+VLLM_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+"""The logger of vLLM's in-place weight reload (every resync)."""
+HARMLESS_RELOAD_LAYERS = ("RotaryEmbedding", "MRotaryEmbedding", "FusedMMInputNorm")
+"""Layers whose "<layer>: Failed to load weights" warning the reload logs on every resync although
+nothing is lost: the rotary caches are computed from the config, not loaded, and the CPU backend's
+fused norm takes its weight through the norm it wraps (the engine-vs-trainer logprobs after a
+resync agree to ~1e-6, tested), so the message repeats once per layer type per step for nothing."""
+
+
+class _DropHarmlessReloadWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        return not any(message == f"{name}: Failed to load weights" for name in HARMLESS_RELOAD_LAYERS)
+
+
+def _install(logger_name: str, cls) -> logging.Filter:
+    logger = logging.getLogger(logger_name)
     for f in logger.filters:
-        if isinstance(f, _DropNumThreadsWarning):
+        if isinstance(f, cls):
             return f
-    f = _DropNumThreadsWarning()
+    f = cls()
     logger.addFilter(f)
     return f
+
+
+def quiet_vllm_num_threads_warning() -> logging.Filter:
+    """Installs (once per process; later calls are no-ops) the filters that drop vLLM's repeated
+    known-harmless warnings (set_num_threads; the reload's rotary/fused-norm notices); returns the
+    set_num_threads filter. Safe before vLLM is imported: filters live on the named loggers, which
+    vLLM fetches by the same names."""
+    _install(VLLM_RELOAD_LOGGER, _DropHarmlessReloadWarning)
+    return _install(VLLM_CPU_WORKER_LOGGER, _DropNumThreadsWarning)
 
 
 @dataclass

@@ -78,8 +78,13 @@ def _load(config: Path, overrides: list[str], args) -> "Config":  # noqa: F821
     extra = [f"slurm.{k}={v}" for k, v in (("partition", args.partition), ("account", args.account)) if v]
     cfg = load_config(config, [*overrides, *extra])
     arch = load_hf_arch(cfg.model.hf_path)
-    cfg.validate_against(arch)  # errors now, not hours later in the queue
+    rl = not (cfg.sft.data_path is not None and cfg.data.train_path is None)  # an SFT recipe runs no engine
+    cfg.validate_against(arch, rl=rl)  # errors now, not hours later in the queue (the rollout TP included)
     cfg.parallel.dp(cfg.slurm.world_size)
+    if rl:
+        from megatron_vr1.rollout.layout import check_world, rollout_tp
+
+        check_world(cfg.slurm.world_size, rollout_tp(cfg))  # engine replicas of rollout-TP consecutive ranks
     if cfg.slurm.gpus_per_node > 0 and not getattr(args, "no_plan_check", False):
         from megatron_vr1.plan import check_fits
 

@@ -63,7 +63,7 @@ def with_image_features(model, inp: VLInputs) -> VLInputs:
     get `inp` back unchanged."""
     from dataclasses import replace
 
-    from megatron_vr1.trainer.core import device, to_device
+    from megatron_vr1.trainer.core import device
 
     tower = getattr(model, "vision_model", None)
     if tower is None or inp.pixel_values_PC is None or inp.image_features_TH is not None:
