@@ -454,6 +454,9 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     import torch
+    import torch.distributed as _dist
+
+    owned_group = not _dist.is_initialized()  # tear down only a process group this call created
 
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
@@ -501,10 +504,11 @@ def main(argv=None) -> int:
     (args.out / "gpu_check.md").write_text(markdown(report))
     print(markdown(report))
     try:
-        import torch.distributed as dist
+        if owned_group and _dist.is_initialized():
+            from megatron.core import parallel_state as ps
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            ps.destroy_model_parallel()
+            _dist.destroy_process_group()
     except Exception:  # noqa: BLE001
         pass
     return 0 if report["ok"] else 1
