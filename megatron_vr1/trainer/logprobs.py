@@ -80,10 +80,9 @@ def vocab_parallel_logprobs(logits_BTv: torch.Tensor, targets_BT: torch.Tensor, 
     return _VocabParallelLogprob.apply(logits_BTv, targets_BT, vocab_size, temperature, group)
 
 
-@torch.no_grad()
-def vocab_parallel_entropy(logits_BTv: torch.Tensor, vocab_size: Optional[int] = None, group=None) -> torch.Tensor:
-    """Entropy of softmax(logits) over the whole vocabulary, shape [B, T] (logged, not optimised):
-    H = logsumexp(z) - sum_j p_j z_j, each sum all-reduced over the TP group."""
+def _entropy_parts(logits_BTv: torch.Tensor, vocab_size: Optional[int], group):
+    """(shifted logits z - max, sum of exponentials, entropy H = logsumexp(z) - sum_j p_j z_j), each
+    sum all-reduced over the TP group."""
     logits, _ = _local_logits(logits_BTv, vocab_size, 1.0, group)
     mx = _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group)
     shifted = logits - mx[..., None]
@@ -92,7 +91,13 @@ def vocab_parallel_entropy(logits_BTv: torch.Tensor, vocab_size: Optional[int] =
     # padded columns: exp = 0 and shifted = -inf; 0 * -inf is nan, so zero them explicitly
     weighted = torch.where(exp > 0, exp * shifted, torch.zeros_like(exp)).sum(dim=-1)
     weighted = _all_reduce(weighted, dist.ReduceOp.SUM, group)
-    return torch.log(sum_exp) - weighted / sum_exp
+    return shifted, sum_exp, torch.log(sum_exp) - weighted / sum_exp
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits_BTv: torch.Tensor, vocab_size: Optional[int] = None, group=None) -> torch.Tensor:
+    """Entropy of softmax(logits) over the whole vocabulary, shape [B, T] (logged, not optimised)."""
+    return _entropy_parts(logits_BTv, vocab_size, group)[2]
 
 
 class _VocabParallelEntropyWithGrad(torch.autograd.Function):
@@ -101,15 +106,7 @@ class _VocabParallelEntropyWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_BTv, vocab_size, group):
-        logits, _ = _local_logits(logits_BTv, vocab_size, 1.0, group)
-        mx = _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group)
-        shifted = logits - mx[..., None]
-        exp = torch.exp(shifted)
-        sum_exp = _all_reduce(exp.sum(dim=-1), dist.ReduceOp.SUM, group)
-        # padded columns: exp = 0 and shifted = -inf; 0 * -inf is nan, so zero them explicitly
-        weighted = torch.where(exp > 0, exp * shifted, torch.zeros_like(exp)).sum(dim=-1)
-        weighted = _all_reduce(weighted, dist.ReduceOp.SUM, group)
-        ent = torch.log(sum_exp) - weighted / sum_exp
+        shifted, sum_exp, ent = _entropy_parts(logits_BTv, vocab_size, group)
         # log p_j = shifted_j - log(sum_exp); reuse `shifted` as log p to hold one [B, T, v] tensor
         logp = shifted.sub_(torch.log(sum_exp)[..., None])
         ctx.save_for_backward(logp, ent)
