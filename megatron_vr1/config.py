@@ -70,7 +70,14 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism over the tensor-parallel group (needs tp > 1)."""
     micro_batch_size: int = 1
-    """Sequences per micro-batch in the training forward/backward passes."""
+    """Rows per micro-batch in the training forward/backward passes (RL: when max_tokens_per_microbatch is 0)."""
+    max_tokens_per_microbatch: int = 0
+    """RL: as many rows per micro-batch as fit this many tokens (rows x the step's longest rollout);
+    0: micro_batch_size rows. Fewer, larger micro-batches cost less per-micro-batch overhead."""
+    rl_packing: bool = True
+    """RL: pack several rollouts into one row (block-diagonal attention, each rollout's own mRoPE
+    positions) instead of one right-padded rollout per row. Ignored (one per row) under Transformer
+    Engine's fused attention, which honours only the causal mask."""
     recompute: bool = False
     """Recompute every transformer layer's activations in the backward pass (less memory, ~1/3 more compute)."""
 
@@ -79,6 +86,7 @@ class ParallelConfig:
         _at_least(self, "parallel", "tp", 1)
         _at_least(self, "parallel", "pp", 1)
         _at_least(self, "parallel", "micro_batch_size", 1)
+        _at_least(self, "parallel", "max_tokens_per_microbatch", 0)
         if self.sequence_parallel and self.tp == 1:
             raise ValueError(
                 "parallel.sequence_parallel (True) needs parallel.tp > 1 (tp is 1); "
@@ -355,11 +363,15 @@ class LoggingConfig:
     """Weights & Biases project; null: no W&B."""
     wandb_mode: Literal["online", "offline"] = "online"
     """W&B mode; offline on nodes without network (sync later with `wandb sync`)."""
+    profile_step: int = 0
+    """RL: run this global step under torch.profiler and write <run_dir>/profile_step<N>.txt (the
+    top operators by self time, rank 0) and a Chrome trace next to it; 0: never."""
 
     def __post_init__(self):
         _check_fields(self, "logging")
         _at_least(self, "logging", "log_interval", 1)
         _at_least(self, "logging", "val_interval", 0)
+        _at_least(self, "logging", "profile_step", 0)
 
 
 @dataclass(kw_only=True)

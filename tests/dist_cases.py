@@ -501,3 +501,87 @@ def loop_engine_calls(config: str, overrides: list) -> list:
     cfg.validate_against(arch)
     loop.train(cfg, arch)
     return calls
+
+
+def _packing_rollouts(hf_dir: str):
+    """12 rollouts (4 prompts x 3 samples; two prompts with an image, of two sizes) with responses
+    of different lengths, as the RL loop would hold them."""
+    from PIL import Image
+
+    from megatron_vr1.hf_processor import load_processor
+    from megatron_vr1.rl.batch import ScoredRollout
+    from megatron_vr1.rollout.engine import Rollout
+
+    proc = load_processor(hf_dir)
+    tok = proc.tokenizer
+    g = torch.Generator().manual_seed(5)
+    prompts = [("How many red shapes are there?", (56, 56)), ("Count the shapes.", None),
+               ("How many red shapes are in the picture?", (84, 56)), ("What is 3 + 4?", None)]
+    out = []
+    for i, (q, size) in enumerate(prompts):
+        content = ([{"type": "image"}] if size else []) + [{"type": "text", "text": q}]
+        text = proc.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        images = []
+        if size:
+            arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+            images = [Image.fromarray(arr)]
+        ids = proc(text=[text], images=images or None, return_tensors="pt")["input_ids"][0].tolist()
+        for j in range(3):
+            reps = (2 + 3 * j) if size else j % 2  # long answers to image prompts, short ones to text prompts
+            resp = "<think>" + " I count the red ones again." * reps + f"</think> \\boxed{{{i + j}}}"
+            r_ids = tok.encode(resp, add_special_tokens=False)
+            lp = (-torch.rand(len(r_ids), generator=g)).tolist()
+            r = Rollout(prompt_index=i, sample_index=j, prompt_ids=ids, response_ids=r_ids, response_logprobs=lp,
+                        finish_reason="stop", response_text=resp, images=images, seconds=0.0)
+            out.append(ScoredRollout(r, reward=float(j == 0), correct=j == 0, format_ok=True,
+                                     advantage=[1.0, -0.5, -0.5][j] * (1 + 0.1 * i)))
+    return proc, out
+
+
+def packing_equivalence(hf_dir: str, mcore_dir: str, layouts: list) -> dict:
+    """Padding-free RL micro-batches (rl/batch.py) against one rollout per row: per-rollout
+    logprobs, and one GRPO optimizer step (loss, grad norm), at each (tp, pp) layout."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_vr1.config import OptimConfig, load_hf_arch
+    from megatron_vr1.models.qwen25_vl.io import load_weights
+    from megatron_vr1.models.qwen25_vl.model import ModelOptions, build_model
+    from megatron_vr1.rl.batch import collate
+    from megatron_vr1.rl.update import LossSettings, policy_update
+    from megatron_vr1.trainer.core import build_optimizer, wrap_ddp
+    from megatron_vr1.trainer.forward import sequence_logprobs
+
+    arch = load_hf_arch(hf_dir)
+    proc, scored = _packing_rollouts(hf_dir)
+    pad = proc.tokenizer.pad_token_id
+    out = {}
+    for tp, pp in layouts:
+        for packed in (False, True):
+            _init_layout(tp, pp, seed=1234)
+            model = build_model(arch, ModelOptions(tp=tp, pp=pp))
+            load_weights(model, mcore_dir)
+            kw = dict(pack=True, max_tokens=400) if packed else dict(pack=False, micro_batch_size=1)
+            mbs, S = collate(scored, proc, arch, pad, n_steps=1, same_shape=pp > 1, **kw)
+            per = {}
+            for mb in mbs:
+                lp = mb.unpack(sequence_logprobs(model, arch, mb.inputs)) * mb.loss_mask_BT
+                mb.old_logp_BT = lp
+                mb.ref_logp_BT = lp.clone()
+                for k in range(lp.shape[0]):
+                    eng = mb.engine_logp_BT[k][mb.loss_mask_BT[k].bool()]  # unique random numbers: the rollout's id
+                    key = next(s for s in scored if len(s.rollout.response_ids) == len(eng) and
+                               torch.equal(torch.tensor(s.rollout.response_logprobs, dtype=torch.float32), eng))
+                    per.setdefault(f"{key.rollout.prompt_index}/{key.rollout.sample_index}", []).append(
+                        lp[k][mb.loss_mask_BT[k].bool()].tolist())
+            dp = ps.get_data_parallel_world_size()
+            gt = float(sum(mb.loss_mask_BT.sum() for mb in mbs)) * dp
+            gs = float(sum(mb.loss_mask_BT.shape[0] for mb in mbs)) * dp
+            ddp = wrap_ddp(model)
+            opt = build_optimizer(ddp, OptimConfig(lr=1e-3, weight_decay=0.0))
+            m = policy_update(ddp, opt, mbs, arch, LossSettings(kl_beta=0.01), global_tokens=gt, global_seqs=gs,
+                              seq_length=S)
+            out[f"tp{tp}pp{pp}_{'packed' if packed else 'rows'}"] = {
+                "micro_batches": len(mbs), "rows": sum(mb.inputs.input_ids_BS.shape[0] for mb in mbs),
+                "tokens": sum(mb.inputs.input_ids_BS.numel() for mb in mbs), "logp": per,
+                "loss": m.loss, "grad_norm": m.grad_norm, "kl": m.kl, "ratio_mean": m.ratio_mean}
+    return out

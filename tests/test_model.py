@@ -118,3 +118,30 @@ def test_image_features_once_per_step_give_the_same_numbers(tiny_hf, tiny_mcore,
     # the pixels are not needed any more; text-only inputs pass through unchanged
     text = make_inputs(arch, x["input_ids"][:, :4], None)
     assert with_image_features(m, text) is text
+
+
+@pytest.mark.parametrize("sizes", [[(112, 112)] * 5, [(224, 224)] * 3, [(112, 112), (224, 112)]],
+                         ids=["5x112", "3x224-windows", "mixed"])
+def test_vision_tower_equal_segments_as_a_batch(tiny_hf, tiny_mcore, single_rank, sizes):
+    """Images (or windows) of one size run as a batch of segments without a mask: the features
+    and every vision gradient equal the one-masked-sequence path (float rounding only)."""
+    from PIL import Image
+
+    from megatron_vr1.hf_processor import load_processor
+
+    m = _model(tiny_hf, tiny_mcore)
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()) for w, h in sizes]
+    enc = load_processor(tiny_hf).image_processor(images=images, return_tensors="pt")
+    tower = m.vision_model
+    outs, grads = [], []
+    for batched in (True, False):
+        tower.batch_segments = batched
+        tower.zero_grad()
+        out = tower(enc["pixel_values"], enc["image_grid_thw"])
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in tower.parameters() if p.grad is not None])
+    assert (outs[0] - outs[1]).abs().max() <= 1e-6
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert max(float((a - b).abs().max()) for a, b in zip(*grads)) <= 1e-5

@@ -8,6 +8,8 @@ with a checkpoint, and a run resumes from the newest complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 import time
@@ -92,16 +94,17 @@ def train(cfg, arch, start_stage: int = 0) -> Path:
         while run.state.step_in_stage < stage.steps:
             set_lr(run, rl_lr(cfg, stages, stage, run.state.global_step + 1))
             t = Timer()
-            with t("rollout"):
-                scored, sampling = rollout_batch(run, stage)
-            sleep_engine(run)  # GPU: the engine frees its memory while the trainer computes
-            with t("logprobs"):
-                batches, seq_len = prepare_batches(run, scored)
-            with t("update"):
-                update = policy_updates(run, batches, seq_len)
-            with t("resync"):
-                wake_engine(run)
-                resync(run)
+            with profiled(run, run.state.global_step + 1):
+                with t("rollout"):
+                    scored, sampling = rollout_batch(run, stage)
+                sleep_engine(run)  # GPU: the engine frees its memory while the trainer computes
+                with t("logprobs"):
+                    batches, seq_len = prepare_batches(run, scored)
+                with t("update"):
+                    update = policy_updates(run, batches, seq_len)
+                with t("resync"):
+                    wake_engine(run)
+                    resync(run)
             run.state.step_in_stage += 1
             run.state.global_step += 1
             m = log_step(run, stage_index, stage, scored, batches, update, t, sampling)
@@ -292,41 +295,43 @@ def score(run: RLRun, rows, groups, stage):
 
 
 def prepare_batches(run: RLRun, scored):
-    """Micro-batches with the trainer's own old logprobs (and the reference's).
+    """Micro-batches (rl/batch.py: packed rows, one optimizer step per mini-batch) with the
+    trainer's own old logprobs (and the reference's).
 
     No redundant passes: with one epoch per rollout, the first mini-batch is scored by the very
     policy the update starts from, so its old logprobs are left to the update itself (None here);
     only the later mini-batches (the policy has moved by then) get a forward pass now."""
+    from megatron.core import parallel_state as ps
+
     from megatron_vr1.rl.batch import collate
     from megatron_vr1.trainer.forward import sequence_logprobs, with_image_features
 
     cfg = run.cfg
-    pad = run.processor.tokenizer.pad_token_id
-    batches, seq_len = collate(scored, run.processor, run.arch, cfg.parallel.micro_batch_size, pad)
     if cfg.grpo.mask_truncated:  # a truncated response gets no loss at all
-        from megatron_vr1.rl.grpo import truncation_mask
-
-        keep = truncation_mask([s.rollout.finish_reason for s in scored])
-        mbs = cfg.parallel.micro_batch_size
-        for i, mb in enumerate(batches):
-            mb.loss_mask_BT = mb.loss_mask_BT * keep[i * mbs:(i + 1) * mbs, None].to(mb.loss_mask_BT.dtype)
-    on_policy = micro_batches_per_step(run, len(batches)) if cfg.grpo.epochs_per_rollout == 1 else 0
+        for s in scored:
+            s.trained = s.rollout.finish_reason != "length"
     model = run.model.module
-    for i, mb in enumerate(batches):
+    batches, seq_len = collate(
+        scored, run.processor, run.arch, run.processor.tokenizer.pad_token_id, n_steps=optimizer_steps(run),
+        micro_batch_size=cfg.parallel.micro_batch_size, max_tokens=cfg.parallel.max_tokens_per_microbatch,
+        pack=cfg.parallel.rl_packing and not model.causal_mask_only,
+        same_shape=ps.get_pipeline_model_parallel_world_size() > 1)
+    temp = cfg.rollout.temperature
+    for mb in batches:
         if cfg.model.freeze_vision:  # the tower runs once per micro-batch, not once per pass
             mb.inputs = with_image_features(model, mb.inputs)
-        if i < on_policy:
+        if mb.step == 0 and cfg.grpo.epochs_per_rollout == 1:
             mb.old_logp_BT = None
         else:
-            mb.old_logp_BT = sequence_logprobs(model, run.arch, mb.inputs, temperature=cfg.rollout.temperature) * mb.loss_mask_BT
+            mb.old_logp_BT = mb.unpack(sequence_logprobs(model, run.arch, mb.inputs, temperature=temp)) * mb.loss_mask_BT
         if run.ref is not None:
-            mb.ref_logp_BT = sequence_logprobs(run.ref, run.arch, mb.inputs, temperature=cfg.rollout.temperature) * mb.loss_mask_BT
+            mb.ref_logp_BT = mb.unpack(sequence_logprobs(run.ref, run.arch, mb.inputs, temperature=temp)) * mb.loss_mask_BT
     return batches, seq_len
 
 
-def micro_batches_per_step(run: RLRun, n_batches: int) -> int:
-    """Micro-batches per optimizer step: `grpo.minibatch_prompts` of the step's prompts."""
-    return max(1, math.ceil(n_batches * run.cfg.grpo.minibatch_prompts / max(1, run.cfg.rollout.prompts_per_step)))
+def optimizer_steps(run: RLRun) -> int:
+    """Optimizer steps per rollout batch (per epoch): the step's prompts over `grpo.minibatch_prompts`."""
+    return max(1, math.ceil(run.cfg.rollout.prompts_per_step / max(1, run.cfg.grpo.minibatch_prompts)))
 
 
 def policy_updates(run: RLRun, batches, seq_len):
@@ -341,11 +346,11 @@ def policy_updates(run: RLRun, batches, seq_len):
     loss = LossSettings(clip_low=g.clip_low, clip_high=g.clip_high, kl_beta=g.kl_beta, agg=g.loss_agg,
                         tis_cap=g.tis_cap, temperature=run.cfg.rollout.temperature,
                         kl_estimator=g.kl_estimator, entropy_coef=g.entropy_coef)
-    per_step = micro_batches_per_step(run, len(batches))
+    steps = sorted({mb.step for mb in batches})
     results = []
     for epoch in range(g.epochs_per_rollout):
-        for i in range(0, len(batches), per_step):
-            mbs = batches[i:i + per_step]
+        for step in steps:
+            mbs = [mb for mb in batches if mb.step == step]
             counts = torch.tensor([float(sum(mb.loss_mask_BT.sum() for mb in mbs)),
                                    float(sum(mb.loss_mask_BT.shape[0] for mb in mbs))], dtype=torch.float64)
             if ps.get_data_parallel_world_size() > 1:  # the global batch spans the replicas
@@ -430,6 +435,26 @@ def finish(run: RLRun) -> None:
 
 
 # ----------------------------------------------------------------------------- metrics
+
+
+@contextlib.contextmanager
+def profiled(run: RLRun, step: int):
+    """torch.profiler around global step `step` when it is `logging.profile_step` (rank 0 writes
+    the operator table and a Chrome trace into the run folder); otherwise nothing."""
+    if step != run.cfg.logging.profile_step:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts, record_shapes=False) as prof:
+        with record_function(f"rl_step_{step}"):
+            yield
+    if dist.get_rank() == 0:
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        (run.run_dir / f"profile_step{step}.txt").write_text(table + "\n")
+        prof.export_chrome_trace(str(run.run_dir / f"profile_step{step}.json"))
+        log.info("profile of step %d: %s", step, run.run_dir / f"profile_step{step}.txt")
 
 
 class Timer:

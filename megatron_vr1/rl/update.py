@@ -43,6 +43,17 @@ class PolicyMicroBatch:
     adv_B: torch.Tensor
     ref_logp_BT: Optional[torch.Tensor] = None
     engine_logp_BT: Optional[torch.Tensor] = None
+    unpack_NT: Optional[torch.Tensor] = None
+    """Packed rows (rl/batch.py): for rollout n's target position t, the flat index into the rows'
+    [R * (S-1)] target positions; the per-rollout tensors above are [N, T]. None: one rollout per row."""
+    step: int = 0
+    """The optimizer step (mini-batch) of the rollout batch this micro-batch belongs to."""
+
+    def unpack(self, x_RT: torch.Tensor) -> torch.Tensor:
+        """Per-row-position numbers [R, S-1] -> per-rollout [N, T] (identity without packing)."""
+        if self.unpack_NT is None:
+            return x_RT
+        return x_RT.reshape(-1)[self.unpack_NT.to(x_RT.device)]
 
 
 @dataclass
@@ -89,12 +100,12 @@ def grpo_loss_fn(arch, loss: LossSettings, global_tokens: float, global_seqs: fl
         on = (lambda t: None if t is None else t.to(dev))  # the batch lives on the host until here
         targets = mb.inputs.input_ids_BS[:, 1:].to(dev)
         mask_BT, ref_BT, eng_BT = on(mb.loss_mask_BT), on(mb.ref_logp_BT), on(mb.engine_logp_BT)
-        logp = vocab_parallel_logprobs(output[:, :-1], targets, vocab_size=arch.text.vocab_size,
-                                       temperature=loss.temperature, group=group)
+        logp = mb.unpack(vocab_parallel_logprobs(output[:, :-1], targets, vocab_size=arch.text.vocab_size,
+                                                 temperature=loss.temperature, group=group))
         old = logp.detach() if mb.old_logp_BT is None else on(mb.old_logp_BT)
         ent_BT = None
         if loss.entropy_coef > 0:  # optimised: entropy with its graph
-            ent_BT = vocab_parallel_entropy_with_grad(output[:, :-1], arch.text.vocab_size, group)
+            ent_BT = mb.unpack(vocab_parallel_entropy_with_grad(output[:, :-1], arch.text.vocab_size, group))
         t = policy_loss(logp, old, on(mb.adv_B), mask_BT, clip_low=loss.clip_low,
                         clip_high=loss.clip_high, kl_beta=loss.kl_beta, ref_logp_BT=ref_BT,
                         engine_logp_BT=eng_BT, tis_cap=loss.tis_cap, agg=loss.agg,
@@ -104,7 +115,7 @@ def grpo_loss_fn(arch, loss: LossSettings, global_tokens: float, global_seqs: fl
             if t.entropy is not None:
                 ent = t.entropy
             else:  # logged, not optimised
-                ent = aggregate(vocab_parallel_entropy(output[:, :-1], arch.text.vocab_size, group),
+                ent = aggregate(mb.unpack(vocab_parallel_entropy(output[:, :-1], arch.text.vocab_size, group)),
                                 mask_BT, loss.agg, global_tokens, global_seqs)
             m = mask_BT.bool()
             if eng_BT is not None:

@@ -202,9 +202,18 @@ class VisionBlock(TransformerBlock):
     """TransformerBlock whose layers each get their own attention cut (window or full)."""
 
     def forward(self, hidden_states, attention_masks, rotary_pos_emb, packed_seq_params=None):  # noqa: D102
+        """`attention_masks[i]`: a boolean mask for layer i, or an int n: the patches form equal
+        segments of n (images or windows of one size), run as a batch of segments without a mask."""
         for i, layer in enumerate(self.layers):
             mask = attention_masks[i] if attention_masks is not None else None
             psp = packed_seq_params[i] if packed_seq_params is not None else None
+            if isinstance(mask, int):
+                P, _, h = hidden_states.shape
+                seg = hidden_states.reshape(P // mask, mask, h).transpose(0, 1).contiguous()  # [n, segments, h]
+                rot = rotary_pos_emb.reshape(P // mask, mask, 1, -1).transpose(0, 1)
+                seg, _ = layer(seg, attention_mask=None, rotary_pos_emb=rot)
+                hidden_states = seg.transpose(0, 1).reshape(P, 1, h)
+                continue
             hidden_states, _ = layer(hidden_states, attention_mask=mask, rotary_pos_emb=rotary_pos_emb,
                                      packed_seq_params=psp)
         if self.final_layernorm is not None:
@@ -220,6 +229,8 @@ class VisionTower(MegatronModule):
         v = arch.vision
         self.arch_v = v
         self.use_te = use_te
+        self.batch_segments = True
+        """Local spec: run equal-length attention segments as a batch (False: always one masked sequence)."""
         self.patch_embed = PatchEmbed(v, vision_cfg.params_dtype)
         head_dim = v.hidden_size // v.num_heads
         spatial = head_dim // 2
@@ -256,8 +267,13 @@ class VisionTower(MegatronModule):
             masks = None
             hidden = x[:, None, :]  # THD: [T, 1, h]
         else:
-            m_full = _block_mask(win.cu_images, P, x.device)
-            m_win = _block_mask(win.cu_windows, P, x.device)
+            # local spec: a layer whose attention segments (images / windows) all have one length
+            # runs them as a batch without a mask (attention work of the segments alone); other
+            # layers get a block-diagonal mask over all patches
+            def cut(cu):
+                n = _equal_segments(cu)
+                return n if n is not None and self.batch_segments else _block_mask(cu, P, x.device)
+            m_full, m_win = cut(win.cu_images), cut(win.cu_windows)
             masks = [m_full if i in full else m_win for i in range(v.depth)]
             cuts = None
             hidden = x[:, None, :]  # [s, b=1, h]
@@ -267,6 +283,13 @@ class VisionTower(MegatronModule):
         if bias is not None:
             out = out + bias
         return out[win.unit_order_inverse]
+
+
+def _equal_segments(cu: torch.Tensor) -> Optional[int]:
+    """The common length of the segments [cu[i], cu[i+1]) when they all have one (and there are
+    several), else None."""
+    lengths = (cu[1:] - cu[:-1]).unique()
+    return int(lengths[0]) if len(cu) > 2 and lengths.numel() == 1 else None
 
 
 def _block_mask(cu: torch.Tensor, n: int, device) -> torch.Tensor:
