@@ -76,30 +76,112 @@ def test_grpo_ptst_runs_logs_and_resumes(tiny_hf, tiny_cold_start, tmp_path):
         assert steps[3][k] == pytest.approx(steps[2][k], rel=1e-6, abs=1e-9), k
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_matches_uninterrupted(tiny_hf, tiny_mcore, tmp_path):
-    """SIGKILL right after the first checkpoint lands, rerun: every step's metrics equal an
-    uninterrupted run with the same seed (the last logged value of each step counts)."""
+def _torchrun_tp2(cmd):
+    """`cmd` (a `_train_cmd`) under torchrun on 2 ranks at TP 2: trainer TP 2 and one rollout engine of
+    TP 2 (rollout.tensor_parallel_size follows parallel.tp) spanning both ranks."""
+    assert cmd[:2] == [sys.executable, "-m"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *cmd[1:],
+            "parallel.tp=2"]
+
+
+def _tp2_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _train_tp2(tmp, hf, mcore, data, steps, *extra):
+    r = subprocess.run(_torchrun_tp2(_train_cmd(tmp, hf, mcore, data, steps, *extra)), capture_output=True, text=True,
+                       timeout=900, env=_tp2_env(), cwd=REPO)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    return [json.loads(line) for line in (tmp / "rl" / "metrics.jsonl").read_text().splitlines()], r.stdout + r.stderr
+
+
+def _sigkill_job(pid):
+    """SIGKILL torchrun and everything under it at once, as a lost node would: torchrun starts each
+    worker in a session of its own, so killing torchrun's process group alone would leave the
+    trainers (and their vLLM helpers) running. Stop the whole tree first (nothing forks or exits
+    meanwhile), then kill every process group in it."""
     import signal
+
+    import psutil
+
+    root = psutil.Process(pid)
+    seen = {}
+    while True:  # SIGSTOP until no new descendant shows up
+        procs = [root, *root.children(recursive=True)]
+        new = [p for p in procs if p.pid not in seen]
+        if not new:
+            break
+        for p in new:
+            try:
+                seen[p.pid] = os.getpgid(p.pid)
+                p.send_signal(signal.SIGSTOP)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                seen[p.pid] = None
+    for pgid in {g for g in seen.values() if g is not None}:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in seen:  # belt and braces: a process that changed its group
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return sorted(seen)
+
+
+def _running(pid):
+    """Alive and not a zombie (a killed orphan may wait for a reaper that never comes in a container)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_uninterrupted(tiny_hf_tp, tiny_mcore_tp, tmp_path):
+    """At TP 2 (torchrun, 2 ranks, trainer TP 2, one rollout engine of TP 2 spanning both ranks, the
+    TP-friendly tiny model): SIGKILL the whole job right after the first checkpoint lands, rerun:
+    every step's metrics equal an uninterrupted TP 2 run with the same seed (the last logged value
+    of each step counts). vLLM's CPU TP communicator leaves its /dev/shm segments behind on SIGKILL;
+    the rerun's engine removes them (rollout/vllm_engine.remove_stale_cpu_shm) instead of failing."""
     import time
 
     from megatron_vr1.data.synthetic import write_synthetic
 
+    hf, mcore = tiny_hf_tp, tiny_mcore_tp
     data = tmp_path / "data"
     write_synthetic(data, n_train=40, n_val=8, n_test=8, n_sft=8, seed=0)
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
-    ref = _train(ref_dir, tiny_hf, tiny_mcore, data, (3, 1), "logging.val_interval=0")
-    proc = subprocess.Popen(_train_cmd(run_dir, tiny_hf, tiny_mcore, data, (3, 1), "logging.val_interval=0"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ref, _ = _train_tp2(ref_dir, hf, mcore, data, (3, 1), "logging.val_interval=0")
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_torchrun_tp2(_train_cmd(run_dir, hf, mcore, data, (3, 1), "logging.val_interval=0")),
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=_tp2_env(), cwd=REPO)
     latest = run_dir / "rl" / "checkpoints" / "latest"
     deadline = time.time() + 600
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + log.read_text()[-4000:]
+    killed = _sigkill_job(proc.pid)
     proc.wait()
-    assert latest.read_text().strip().startswith("stage0_step")  # killed mid-stage
-    resumed = _train(run_dir, tiny_hf, tiny_mcore, data, (3, 1), "logging.val_interval=0")
+    assert len(killed) >= 3, killed  # torchrun and its 2 ranks at least
+    deadline = time.time() + 30
+    while time.time() < deadline and [p for p in killed if _running(p)]:
+        time.sleep(0.1)
+    assert not [p for p in killed if _running(p)], "processes of the killed job still run"
+    saved = latest.read_text().strip()
+    assert saved.startswith("stage0_step")  # killed mid-stage
+    leaked = [p.name for p in Path("/dev/shm").glob("*cpushm*")] if Path("/dev/shm").is_dir() else []
+    resumed, out = _train_tp2(run_dir, hf, mcore, data, (3, 1), "logging.val_interval=0")
+    if leaked:  # the killed engine's segments: the rerun removes them instead of failing on them
+        assert "shared-memory segment(s) a killed CPU engine left" in out, out[-4000:]
+    assert f"resumed from {run_dir / 'rl' / 'checkpoints' / saved}" in out, out[-4000:]  # not a fresh start
     last = {r["step"]: r for r in resumed if "reward/mean" in r}
     want = {r["step"]: r for r in ref if "reward/mean" in r}
     assert sorted(last) == sorted(want) == [1, 2, 3, 4]

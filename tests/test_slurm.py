@@ -1,8 +1,9 @@
 """The Slurm launchers on a real single-node Slurm (munge + slurmctld + slurmd from Debian, started
-by scripts/setup_slurm.sh): the tiny recipe's PTST chain with 2 trainer processes (DP=2, one vLLM
-engine each), a stage stopped by its time-limit signal that saves, requeues and resumes, a failing
-stage that cancels the rest, and the 7B/32B/72B scripts checked with `sbatch --test-only` against
-16 fake 8-GPU H800 nodes. Nothing is mocked; if Slurm cannot start the tests fail (not skip)."""
+by scripts/setup_slurm.sh): the tiny recipe's PTST chain with 2 trainer processes at TP=2 (one vLLM
+engine of TP 2 spanning both, on the TP-friendly tiny model), a stage stopped by its time-limit
+signal that saves, requeues and resumes (DP=2, one engine per process), a failing stage that
+cancels the rest, and the 7B/32B/72B scripts checked with `sbatch --test-only` against 16 fake
+8-GPU H800 nodes. Nothing is mocked; if Slurm cannot start the tests fail (not skip)."""
 
 from __future__ import annotations
 
@@ -40,15 +41,33 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="module")
-def tiny_inputs(tiny_hf, tiny_mcore, tmp_path_factory):
+def tiny_data(tmp_path_factory):
     from megatron_vr1.data.synthetic import write_synthetic
 
     data = tmp_path_factory.mktemp("slurm_data")
     write_synthetic(data, n_train=40, n_val=8, n_test=8, n_sft=8, seed=0)
-    return [f"model.hf_path={tiny_hf}", f"model.mcore_path={tiny_mcore}",
+    return data
+
+
+def _recipe(hf, mcore, data, *extra):
+    return [f"model.hf_path={hf}", f"model.mcore_path={mcore}",
             f"data.train_path={data / 'rl_train.parquet'}", f"data.val_path={data / 'rl_val.parquet'}",
             "rollout.prompts_per_step=4", "grpo.minibatch_prompts=2", "parallel.micro_batch_size=4", STAGES,
-            "checkpoint.save_interval=100", "logging.val_interval=0"]
+            "checkpoint.save_interval=100", "logging.val_interval=0", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tiny_hf, tiny_mcore, tiny_data):
+    """The tiny recipe at DP=2: 2 processes, one vLLM engine each."""
+    return _recipe(tiny_hf, tiny_mcore, tiny_data)
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs_tp(tiny_hf_tp, tiny_mcore_tp, tiny_data):
+    """The same recipe at TP 2 on the job's 2 processes: trainer TP 2 and one rollout engine of TP 2
+    (external_launcher; rollout.tensor_parallel_size follows parallel.tp) spanning both ranks, on
+    the tiny model whose sizes divide by 2."""
+    return _recipe(tiny_hf_tp, tiny_mcore_tp, tiny_data, "parallel.tp=2")
 
 
 def _env():
@@ -80,21 +99,33 @@ def _assert_same_steps(got: dict, want: dict, steps: list[int]) -> None:
             assert got[step][k] == pytest.approx(want[step][k], rel=1e-6, abs=1e-9), (step, k, got[step][k], want[step][k])
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_inputs, tmp_path_factory):
+def _run_without_slurm(inputs, run_dir: Path) -> dict[int, dict]:
     """The same recipe without Slurm: one torchrun of both stages, 2 processes."""
-    run_dir = tmp_path_factory.mktemp("noslurm") / "rl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "megatron_vr1.cli", "train", str(CONFIG), f"run_dir={run_dir}", *tiny_inputs]
+           "-m", "megatron_vr1.cli", "train", str(CONFIG), f"run_dir={run_dir}", *inputs]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env())
     assert r.returncode == 0, r.stderr[-4000:]
     return _steps(run_dir)
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_inputs, tmp_path_factory):
+    """The recipe without Slurm at DP=2 (TP 1)."""
+    return _run_without_slurm(tiny_inputs, tmp_path_factory.mktemp("noslurm") / "rl")
+
+
+@pytest.fixture(scope="module")
+def reference_tp(tiny_inputs_tp, tmp_path_factory):
+    """The recipe without Slurm at the chain test's layout: TP=2 on 2 processes."""
+    return _run_without_slurm(tiny_inputs_tp, tmp_path_factory.mktemp("noslurm_tp") / "rl")
+
+
 @pytest.mark.slow
-def test_chain_runs_and_equals_the_run_without_slurm(slurm_cluster, tiny_inputs, reference, tmp_path):
+def test_chain_runs_and_equals_the_run_without_slurm(slurm_cluster, tiny_inputs_tp, reference_tp, tmp_path):
+    """Both stages as a chain of 2 jobs, each one torchrun of 2 processes (slurm.procs_per_node=2 on the
+    node's 2 CPUs) at TP=2 with a rollout engine of TP 2: every step equals the TP=2 run without Slurm."""
     run_dir = tmp_path / "rl"
-    r = _cli("slurm", "submit", CONFIG, f"run_dir={run_dir}", *tiny_inputs, *SLURM_CPU, "--wait", "--poll", "1")
+    r = _cli("slurm", "submit", CONFIG, f"run_dir={run_dir}", *tiny_inputs_tp, *SLURM_CPU, "--wait", "--poll", "1")
     out = r.stdout
     chain = json.loads((run_dir / "slurm" / "jobs.json").read_text())
     ids = [j["job_id"] for j in chain["jobs"]]
@@ -108,7 +139,8 @@ def test_chain_runs_and_equals_the_run_without_slurm(slurm_cluster, tiny_inputs,
     assert "#SBATCH --signal=B:USR1@60" in script2 and "#SBATCH --requeue" in script2
     logs = _logs(run_dir)
     assert "resumed from" in logs and "stage0_end" in logs  # the second job picked up the first one's checkpoint
-    _assert_same_steps(_steps(run_dir), reference, [1, 2, 3, 4, 5])
+    assert "parallel.tp=2" in script2 and "export VR1_PROCS_PER_NODE=2 " in script2  # one torchrun, 2 ranks, TP 2
+    _assert_same_steps(_steps(run_dir), reference_tp, [1, 2, 3, 4, 5])
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "stage1_end"
 
 

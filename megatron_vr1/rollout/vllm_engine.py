@@ -91,6 +91,42 @@ def _install(logger_name: str, cls) -> logging.Filter:
     return f
 
 
+def remove_stale_cpu_shm(shm_dir: str = "/dev/shm") -> list[str]:
+    """vLLM's CPU tensor-parallel communicator names its shared-memory segments after the TP group
+    only (`-tp:0-[0-1]-cpushm_<rank>`: the same for every run on the host) and unlinks them only on a
+    clean exit; after a crash or kill -9 the next engine fails with "create shm in SHMManager failed.
+    errno: 17". Before a CPU engine of TP > 1 starts, the first rank of each host removes such
+    segments that no live process maps (then all ranks wait for it). Returns the removed names.
+    Two CPU runs at rollout TP > 1 at the same time on one host still collide (vLLM's naming)."""
+    import torch.distributed as dist
+
+    removed: list[str] = []
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and os.path.isdir(shm_dir):
+        stale = [n for n in os.listdir(shm_dir) if "cpushm" in n]
+        if stale:
+            mapped = set()
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/maps") as f:
+                        mapped.update(line.rsplit(None, 1)[-1] for line in f if shm_dir in line)
+                except OSError:
+                    continue
+            for n in stale:
+                path = os.path.join(shm_dir, n)
+                if path not in mapped:
+                    try:
+                        os.unlink(path)
+                        removed.append(n)
+                    except OSError:
+                        pass
+            if removed:
+                logging.getLogger("megatron_vr1.rollout").warning("removed %d shared-memory segment(s) a killed CPU engine left in %s: %s",
+                            len(removed), shm_dir, ", ".join(removed))
+    if dist.is_initialized():
+        dist.barrier()
+    return removed
+
+
 def quiet_vllm_num_threads_warning() -> logging.Filter:
     """Installs (once per process; later calls are no-ops) the filters that drop vLLM's repeated
     known-harmless warnings (set_num_threads; the reload's rotary/fused-norm notices); returns the
@@ -143,6 +179,8 @@ class VLLMEngine:
         )
         if world > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
+            if not self.cuda and tensor_parallel_size > 1:
+                remove_stale_cpu_shm()
             if dp > 1:
                 kwargs["data_parallel_size"] = dp
         from megatron_vr1.hf_processor import pixel_bounds
