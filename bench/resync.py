@@ -1,6 +1,7 @@
 """Benchmark of the weight resync (Megatron model -> vLLM engine) against an in-memory copy of the same bytes.
 
     python bench/resync.py [--mb 600] [--bucket-mb 64 256] [--repeats 3] [--no-profile] [--workdir DIR] [--keep]
+    torchrun --standalone --nproc-per-node 2 bench/resync.py --tp 2 [same options]   (the TP2 case, below)
 
 (50-85 s at the default size on 2 shared vCPUs; --mb 1500 gives 22 LM layers and takes about 2 min)
 
@@ -34,6 +35,24 @@ What it does (one process, like the trainer: gloo world size 1, TP=PP=1, vLLM in
 
 vLLM's CPU worker replaces `torch.set_num_threads` with a no-op once it has bound its threads,
 so the thread count in effect for every phase is the one vLLM leaves (printed).
+
+TP2 case (--tp 2, under torchrun with 2 ranks): both ranks form the trainer at tensor parallel 2
+(gloo world of 2, `initialize_model_parallel(tensor_model_parallel_size=2)`, the Megatron model built
+with ModelOptions(tp=2) and loaded from the same TP1-converted checkpoint, i.e. resharded on load)
+and ONE `VLLMEngine(..., tensor_parallel_size=2)` spanning both ranks (vLLM's external_launcher,
+one engine shard per rank). Rank 0 builds and converts the checkpoint (the sizes above already
+divide by 2 where vLLM splits: 8 heads, 2 KV heads, ffn 2816, vision 16 heads / MLP 3420 / merger
+5120, vocab 32000; `check_rollout_tp` is run to be sure). The resync is the RL loop's TP2 path
+(`rl.loop.resync`): every rank runs `engine.update_weights(hf_buckets(model, arch, ...))`, i.e.
+`hf_buckets` gathers the TP shards into full HF tensors on every rank (collectives) and each rank's
+vLLM worker takes its shard's slice. Every rank times the same phases (a barrier right before each
+timed run, so both ranks run the phase at the same time, as they do in the trainer); memcpy is of
+this rank's own parameter shards (about half the model), while the hf_buckets / update / resync
+bytes are the full HF tensors that every rank builds and hands to its engine shard, so the ratio
+compares full-model bytes per second with shard-copy bytes per second. Rank 0 prints one table with
+a row per phase and rank, and the SUMMARY. The greedy check runs the same prompt on both ranks
+(the engine's ranks make the same calls) and must hold on both. The profiler / what-if part is not
+run at TP2 (its patches assume TP1).
 """
 
 from __future__ import annotations
@@ -128,10 +147,15 @@ def _trim() -> None:
     _LIBC.malloc_trim(0)
 
 
+_BARRIER = None  # TP2: dist.barrier, so every rank starts a timed run together (None at TP1)
+
+
 def measure(fn) -> dict:
     """Wall seconds and peak extra RssAnon of fn()."""
     _trim()
     before = bench_convert._status_kib("RssAnon")
+    if _BARRIER is not None:
+        _BARRIER()
     with bench_convert.AnonSampler(0.01) as mem:
         t0 = time.perf_counter()
         extra = fn()
@@ -317,33 +341,60 @@ def main() -> None:
     ap.add_argument("--profile-top", type=int, default=15)
     ap.add_argument("--workdir", help="folder for the checkpoints (default: a fresh temp dir under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir")
+    ap.add_argument("--tp", type=int, default=1, choices=(1, 2),
+                    help="2: trainer at TP2 + one vLLM engine of TP2 over both ranks (run under torchrun, 2 ranks)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # engine start-up logs off the table
 
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-        if any(work.iterdir()):
-            raise SystemExit(f"--workdir {work} is not empty")
-    else:
-        work = Path(tempfile.mkdtemp(prefix="resync-bench-", dir="/tmp"))
+    import torch.distributed as dist
+
+    global _BARRIER
+    tp = args.tp
+    rank = 0
+    if tp > 1:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != tp:
+            raise SystemExit(f"--tp {tp} runs under torchrun with {tp} ranks (WORLD_SIZE {world}): "
+                             f"torchrun --standalone --nproc-per-node {tp} bench/resync.py --tp {tp} ...")
+        dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=world)
+        rank = dist.get_rank()
+    say = print if rank == 0 else (lambda *a, **k: None)
+
+    if rank == 0:
+        if args.workdir:
+            work = Path(args.workdir)
+            work.mkdir(parents=True, exist_ok=True)
+            if any(work.iterdir()):
+                raise SystemExit(f"--workdir {work} is not empty")
+        else:
+            work = Path(tempfile.mkdtemp(prefix="resync-bench-", dir="/tmp"))
+    if tp > 1:
+        box = [str(work) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        work = Path(box[0])
     hf_dir, mcore_dir = work / "hf", work / "mcore"
     t_start = time.perf_counter()
     engine = None
     try:
-        t0 = time.perf_counter()
-        info = build_checkpoint(hf_dir, args.mb, args.shard_mib, args.seed)
-        t_build = time.perf_counter() - t0
-        from checkpoints_conv.convert import hf_to_mcore
+        if rank == 0:
+            t0 = time.perf_counter()
+            info = build_checkpoint(hf_dir, args.mb, args.shard_mib, args.seed)
+            t_build = time.perf_counter() - t0
+            from checkpoints_conv.convert import hf_to_mcore
 
-        conv = hf_to_mcore(hf_dir, mcore_dir, tp=1, pp=1, progress=False)
-        print(f"workdir {work}; torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
-        print(f"built {info['bytes'] / 1e6:.0f} MB fp32 ({info['tensors']} tensors, {info['shards']} shards, "
-              f"{info['lm_layers']} LM layers of hidden {TEXT['hidden_size']} + {VISION['depth']} vision blocks of "
-              f"hidden {VISION['hidden_size']}) in {t_build:.1f} s; hf_to_mcore {conv.seconds:.1f} s", flush=True)
+            conv = hf_to_mcore(hf_dir, mcore_dir, tp=1, pp=1, progress=False)
+            built = [info, t_build, conv.seconds]
+        else:
+            built = [None, None, None]
+        if tp > 1:  # the other ranks wait here for rank 0's checkpoint
+            dist.broadcast_object_list(built, src=0)
+        info, t_build, conv_seconds = built
+        say(f"workdir {work}; torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
+        say(f"built {info['bytes'] / 1e6:.0f} MB fp32 ({info['tensors']} tensors, {info['shards']} shards, "
+            f"{info['lm_layers']} LM layers of hidden {TEXT['hidden_size']} + {VISION['depth']} vision blocks of "
+            f"hidden {VISION['hidden_size']}) in {t_build:.1f} s; hf_to_mcore {conv_seconds:.1f} s", flush=True)
 
-        import torch.distributed as dist
         from megatron.core import parallel_state
 
         from checkpoints_conv.mapping import expected_hf_shapes
@@ -358,29 +409,41 @@ def main() -> None:
 
         platform.setup()
         threads_before = torch.get_num_threads()
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+        if tp == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            dist.init_process_group("gloo", rank=0, world_size=1)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
         platform.model_parallel_seed(args.seed)
         arch = load_hf_arch(hf_dir)
+        if tp > 1:
+            from megatron_vr1.rollout.layout import check_rollout_tp
+
+            check_rollout_tp(arch, tp)  # every size vLLM splits divides by tp (raises, naming it, if not)
+            _BARRIER = dist.barrier
 
         t0 = time.perf_counter()
-        engine = VLLMEngine(hf_dir, arch, max_model_len=256, kv_cache_bytes=32 * MIB)
+        engine = VLLMEngine(hf_dir, arch, max_model_len=256, kv_cache_bytes=32 * MIB, tensor_parallel_size=tp)
         t_engine = time.perf_counter() - t0
         # vLLM logs to stdout (configured when the engine starts): into a file, to keep the table
         # readable; the records are still formatted and written, as in the trainer
-        vllm_log_path = work / "vllm.log"
+        vllm_log_path = work / ("vllm.log" if rank == 0 else f"vllm-rank{rank}.log")
         vllm_log = open(vllm_log_path, "w")
         for h in logging.getLogger("vllm").handlers:
             if isinstance(h, logging.StreamHandler):
                 h.setStream(vllm_log)
         threads = torch.get_num_threads()
         t0 = time.perf_counter()
-        model = build_model(arch, ModelOptions())
+        model = build_model(arch, ModelOptions(tp=tp))
         load_weights(model, mcore_dir)
         t_model = time.perf_counter() - t0
-        print(f"vLLM engine up in {t_engine:.1f} s; Megatron model built + loaded in {t_model:.1f} s; "
+        if tp > 1:
+            pc = engine.llm.llm_engine.vllm_config.parallel_config
+            say(f"TP{tp}: trainer tensor parallel {parallel_state.get_tensor_model_parallel_world_size()} "
+                f"(gloo world {dist.get_world_size()}); one vLLM engine: tensor_parallel_size "
+                f"{pc.tensor_parallel_size}, data_parallel_size {pc.data_parallel_size}, executor "
+                f"{pc.distributed_executor_backend}", flush=True)
+        say(f"vLLM engine up in {t_engine:.1f} s; Megatron model built + loaded in {t_model:.1f} s; "
               f"torch threads {threads_before} before vLLM, {threads} in effect after "
               f"(vLLM's CPU worker makes torch.set_num_threads a no-op, so its own 'reduce to 1 for serving' does not apply either); OMP_NUM_THREADS="
               f"{os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
@@ -446,14 +509,27 @@ def main() -> None:
             for key, label, fn, b in phases:
                 res = fn() if b is None else fn(b)
                 runs[key].append(res)
-                print(f"  run {r + 1}/{args.repeats} {label:30s} {res['seconds']:7.2f} s   "
-                      f"peak +{res['peak'] / MIB:6.0f} MiB   kept after malloc_trim {res['kept'] / MIB:+5.0f} MiB",
-                      flush=True)
+                say(f"  run {r + 1}/{args.repeats} {label:30s} {res['seconds']:7.2f} s   "
+                    f"peak +{res['peak'] / MIB:6.0f} MiB   kept after malloc_trim {res['kept'] / MIB:+5.0f} MiB"
+                    + (" (rank 0)" if tp > 1 else ""), flush=True)
 
         after_ids = greedy_ids()
         counts = [x["tensors"] for k in runs if not k.startswith("memcpy") for x in runs[k]]
         ok_greedy = after_ids == before_ids and len(before_ids) > 0
         ok_count = all(c == expected_tensors for c in counts)
+
+        if tp > 1:
+            mine = dict(rank=rank, runs=runs, param_bytes=param_bytes, threads=threads, ok_greedy=ok_greedy,
+                        ok_count=ok_count, counts=sorted(set(counts)), before=before_ids, after=after_ids)
+            ranks: list = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+            ok = all(x["ok_greedy"] and x["ok_count"] and x["before"] == ranks[0]["before"] for x in ranks)
+            if rank == 0:
+                report_tp(ranks, phases, args, hf_bytes, expected_tensors, ok, t_start)
+            dist.barrier()  # every rank is done with the engine and the workdir
+            if not ok:
+                sys.exit(1)
+            return
 
         best = {k: min(v, key=lambda x: x["seconds"]) for k, v in runs.items()}
         base = param_bytes / 1e9 / best["memcpy"]["seconds"]
@@ -509,10 +585,72 @@ def main() -> None:
     finally:
         if engine is not None:
             engine.shutdown()  # destroys the default process group: last
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        if rank == 0:
+            if args.keep:
+                print(f"kept {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def report_tp(ranks: list[dict], phases: list, args, hf_bytes: int, expected_tensors: int, ok: bool,
+              t_start: float) -> None:
+    """Rank 0's table and SUMMARY of the TP>1 case: a row per phase and rank (each rank's ratio is to
+    its own memcpy of its parameter shards)."""
+    tp = len(ranks)
+    for x in ranks:
+        x["best"] = {k: min(v, key=lambda y: y["seconds"]) for k, v in x["runs"].items()}
+        x["base"] = x["param_bytes"] / 1e9 / x["best"]["memcpy"]["seconds"]
+    shards = ", ".join(f"rank {x['rank']} {x['param_bytes'] / 1e6:.0f} MB" for x in ranks)
+    threads = "/".join(str(x["threads"]) for x in ranks)
+    print()
+    print(f"TP{tp} (trainer TP{tp} + one vLLM engine of TP{tp} over ranks 0-{tp - 1}); model: {hf_bytes / 1e6:.0f} MB of "
+          f"HF tensors fp32 ({expected_tensors} tensors), every rank builds all of them and feeds them to its engine "
+          f"shard; Megatron parameter shards: {shards} (vocab / vision-MLP padding); torch threads in effect "
+          f"{threads} per rank; best of {args.repeats}; GB/s = bytes / wall s")
+    hdr = (f"{'phase':30s} {'rank':>4s} {'bytes':>13s} {'seconds':>8s} {'GB/s':>6s} {'ratio':>6s} {'peak extra':>11s} "
+           f"{'buckets':>7s}  all runs (s)")
+    print(hdr)
+    print("-" * len(hdr))
+    summary = {}
+    for key, label, _, b in phases:
+        for x in ranks:
+            best, runs = x["best"][key], x["runs"][key]
+            s = best["seconds"]
+            nbytes = x["param_bytes"] if key.startswith("memcpy") else best["bytes"]
+            gbps = nbytes / 1e9 / s
+            summary[(key, x["rank"])] = (gbps, gbps / x["base"], s)
+            peak = max(y["peak"] for y in runs)
+            nb = "" if key.startswith("memcpy") else str(best["buckets"])
+            all_runs = " ".join(f"{y['seconds']:.3f}" for y in runs)
+            print(f"{label:30s} {x['rank']:4d} {nbytes:13,d} {s:8.3f} {gbps:6.2f} {gbps / x['base']:6.3f} "
+                  f"{peak / MIB:7.0f} MiB {nb:>7s}  {all_runs}")
+    print("-" * len(hdr))
+    print("ratio = GB/s / this rank's in-memory copy GB/s; memcpy bytes = this rank's Megatron parameter shards, "
+          "the other rows' bytes = the full HF tensors every rank builds (so a ratio of 1 at TP2 would mean moving "
+          "the whole model as fast as copying half of it); both ranks start every timed run together (barrier); "
+          "peak extra = max over runs of (peak RssAnon, 10 ms samples) - RssAnon before the run, per rank; "
+          "'update_weights only' gets buckets built beforehand (their memory is not counted)")
+    greedy = "; ".join(f"rank {x['rank']} {len(x['before'])} tokens after {'==' if x['ok_greedy'] else '!='} before"
+                       for x in ranks)
+    same = all(x["before"] == ranks[0]["before"] for x in ranks)
+    counts = sorted({c for x in ranks for c in x["counts"]})
+    print(f"sanity: greedy {greedy} ({ranks[0]['before'][:8]}...; ranks {'agree' if same else 'DISAGREE'}); "
+          f"update_weights tensor counts {counts} (expected {expected_tensors}): {'PASS' if ok else 'FAIL'}", flush=True)
+    if not args.no_profile and any(summary[(f"resync{mb}", x["rank"])][1] < args.profile_below
+                                   for mb in args.bucket_mb for x in ranks):
+        print("(profiling / what-if below --profile-below: TP1 only, not run at TP>1)")
+    parts = ["memcpy " + " ".join(f"r{x['rank']} {x['base']:.2f}" for x in ranks) + " GB/s"]
+    for mb in args.bucket_mb:
+        per = []
+        for x in ranks:
+            g, r, s = summary[(f"resync{mb}", x["rank"])]
+            gb, rb, _ = summary[(f"buckets{mb}", x["rank"])]
+            peak = max(y["peak"] for y in x["runs"][f"resync{mb}"])
+            per.append(f"r{x['rank']} {g:.2f} GB/s ({r:.3f}x, {s:.2f} s, peak +{peak / MIB:.0f} MiB; "
+                       f"hf_buckets alone {gb:.2f} GB/s {rb:.2f}x)")
+        parts.append(f"resync@{mb}MiB " + " ".join(per))
+    print(f"SUMMARY TP{tp} {hf_bytes / 1e6:.0f} MB fp32, {threads} torch threads per rank: " + " | ".join(parts)
+          + f" | sanity {'PASS' if ok else 'FAIL'} | total {time.perf_counter() - t_start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

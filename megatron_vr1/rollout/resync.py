@@ -5,7 +5,8 @@ block, or one global tensor), every rank
   1. takes its local pieces from the model's own `sharded_state_dict()` (so TP splits, the fused
      SwiGLU halves and stacked layer offsets come from megatron-core itself, not restated here),
   2. assembles the full Megatron tensor inside its tensor-parallel group (all-gather),
-  3. receives it from the pipeline stage that owns it (broadcast from that stage's first rank),
+  3. with pipeline parallelism, receives it from the stage that owns it (broadcast from that
+     stage's first rank; without PP every rank already holds it after step 2),
   4. unpacks it into HF tensors with `mapping.unpack`.
 Buckets hold whole layer groups (an engine must receive whole modules per load call) and are
 yielded before they would exceed `bucket_bytes` (a single group larger than that is sent alone);
@@ -64,20 +65,40 @@ class _Topology:
             self.first_rank_of_stage.setdefault(int(s), rank)
 
 
-def _assemble(p: TensorPlan, local: list, topo: _Topology, dtype: torch.dtype) -> torch.Tensor:
-    """Full tensor of one layer of `p.key` from this TP group's pieces."""
-    if topo.tp_size == 1 and len(local) == 1 and tuple(local[0][1].shape) == tuple(p.shape):
-        return local[0][1]  # already whole: no copy (unpack copies out of it)
+def _tp_offsets(pieces: dict, topo: "_Topology") -> Optional[dict]:
+    """Every TP rank's offset of every local piece, gathered in ONE collective (the ranks of a TP
+    group hold the same pieces in the same order); None without TP."""
+    if topo.tp_size == 1:
+        return None
+    keys = sorted(pieces, key=str)
+    flat = torch.tensor([o for k in keys for off, _ in pieces[k] for o in off], dtype=torch.long)
+    out = [torch.empty_like(flat) for _ in range(topo.tp_size)]
+    dist.all_gather(out, flat, group=topo.tp_group)
+    table, pos = {}, 0
+    for k in keys:
+        per_piece = []
+        for off, _ in pieces[k]:
+            per_piece.append([tuple(int(x) for x in out[r][pos:pos + len(off)]) for r in range(topo.tp_size)])
+            pos += len(off)
+        table[k] = per_piece
+    return table
+
+
+def _assemble(p: TensorPlan, local: list, topo: _Topology, dtype: torch.dtype,
+              offsets: Optional[list] = None) -> torch.Tensor:
+    """Full tensor of one layer of `p.key` from this TP group's pieces (`offsets`: every TP rank's
+    offset of each piece, from `_tp_offsets`)."""
+    if len(local) == 1 and tuple(local[0][1].shape) == tuple(p.shape):
+        return local[0][1]  # already whole (TP 1, or replicated across TP like the norms): no copy
     full = torch.empty(p.shape, dtype=dtype)
-    for offset, data in local:
+    for i, (offset, data) in enumerate(local):
         gathered = [data]
-        offsets = [torch.tensor(offset)]
+        offs = [offset]
         if topo.tp_size > 1:
             gathered = [torch.empty_like(data) for _ in range(topo.tp_size)]
             dist.all_gather(gathered, data.contiguous(), group=topo.tp_group)
-            offsets = [torch.empty(len(offset), dtype=torch.long) for _ in range(topo.tp_size)]
-            dist.all_gather(offsets, torch.tensor(offset, dtype=torch.long), group=topo.tp_group)
-        for off, t in zip(offsets, gathered):
+            offs = offsets[i]
+        for off, t in zip(offs, gathered):
             idx = tuple(slice(int(o), int(o) + n) for o, n in zip(off, t.shape))
             full[idx] = t
     return full
@@ -89,9 +110,13 @@ def hf_buckets(model, arch, bucket_bytes: int = 256 * 2**20, dtype: Optional[tor
 
     All ranks must call this together (it runs collectives). `model` is this rank's chunk.
     """
+    from megatron.core import parallel_state as ps
+
     topo = _Topology()
     shapes = expected_hf_shapes(arch)
     pieces = _local_pieces(model)
+    tp_offsets = _tp_offsets(pieces, topo)
+    pipeline = topo.world > 1 and ps.get_pipeline_model_parallel_world_size() > 1
     plans = list(plan(arch, shapes))
     groups: dict[tuple, list[TensorPlan]] = {}
     for p in plans:
@@ -107,8 +132,11 @@ def hf_buckets(model, arch, bucket_bytes: int = 256 * 2**20, dtype: Optional[tor
         full = {}
         for p in gplans:
             local = pieces.get((p.key, p.layer), [])
-            t = _assemble(p, local, topo, pdtype) if local else torch.empty(p.shape, dtype=pdtype)
-            if topo.world > 1:
+            offs = tp_offsets.get((p.key, p.layer)) if tp_offsets is not None else None
+            t = _assemble(p, local, topo, pdtype, offs) if local else torch.empty(p.shape, dtype=pdtype)
+            if pipeline:  # the stage that owns it sends it; without PP every rank has it already
+                if t is local[0][1] if local else False:
+                    t = t.clone()  # never overwrite a parameter with the broadcast
                 dist.broadcast(t, src=topo.first_rank_of_stage[stage_of(p)])
             full[p.key] = t
         tensors = unpack(gplans, full, shapes)
