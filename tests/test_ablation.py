@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -151,3 +153,28 @@ def test_ablation_rollout_budgets_equal():
     assert zero.grpo.reward == "format_and_result" and zero.data.system_prompt
     sft_more = load_config(ROOT / "configs" / "tiny_ablation_sft_more.yaml")
     assert sft_more.sft.global_batch_size * 40 == 3840  # equal compute: PTST's 40 updates, its rollouts
+
+
+@pytest.mark.slow
+def test_every_arm_runs_end_to_end(tmp_path):
+    """bench/ablation.sh itself at smoke size: data, the shared cold start, one seed of every arm
+    (1 step per stage), export, scoring, and the report. Every arm scores, the equal budgets hold
+    (PTST = Long = Zero = overlong rollouts; SFT's steps = PTST's), and the table and PNG exist."""
+    env = dict(os.environ, RUN=str(tmp_path / "abl"), SEEDS="1", STAGE_STEPS="1", COLDSTART_STEPS="2",
+               VAL_INTERVAL="1", N_TRAIN="48", N_VAL="8", N_TEST="8", N_SFT="64", KEEP="0", OMP_NUM_THREADS="2")
+    r = subprocess.run(["bash", str(ROOT / "bench" / "ablation.sh")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=1500)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    res = [json.loads(x) for x in (tmp_path / "abl" / "results.jsonl").read_text().splitlines()]
+    by_arm = {x["arm"]: x for x in res}
+    assert set(by_arm) == {"coldstart", "sft_more", "long", "ptst", "zero", "ptst_dynamic", "ptst_overlong"}, by_arm
+    for arm, x in by_arm.items():
+        assert 0.0 <= x["accuracy"] <= 1.0 and x["len_mean"] > 0, (arm, x)
+    P = 16
+    assert by_arm["ptst"]["rollouts"] == P * (8 + 4) == by_arm["ptst_overlong"]["rollouts"] == by_arm["zero"]["rollouts"]
+    assert by_arm["long"]["rollouts"] == P * 3 * 4 == by_arm["ptst"]["rollouts"]
+    assert by_arm["ptst_dynamic"]["rollouts"] >= by_arm["ptst"]["rollouts"]
+    assert by_arm["sft_more"]["optimizer_steps"] == by_arm["ptst"]["optimizer_steps"] == 2
+    md = (tmp_path / "abl" / "results.md").read_text()
+    assert md.count("\n|") >= 8  # header rule + 7 arms
+    assert (tmp_path / "abl" / "results.png").read_bytes()[:4] == b"\x89PNG"
