@@ -377,6 +377,17 @@ def _child(phase: str, work: Path, src: Path | None, dst: Path, args, **kw) -> d
     return out
 
 
+def make_workdir(workdir: str | None, prefix: str) -> Path:
+    """--workdir (created; must be empty), or a fresh folder under /tmp named `prefix`..."""
+    if not workdir:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if any(work.iterdir()):
+        raise SystemExit(f"--workdir {work} is not empty")
+    return work
+
+
 def _rm(p: Path) -> None:
     if p.exists():
         shutil.rmtree(p)
@@ -402,13 +413,7 @@ def main() -> None:
     if args.phase:
         return run_phase(args)
 
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-        if any(work.iterdir()):
-            raise SystemExit(f"--workdir {work} is not empty")
-    else:
-        work = Path(tempfile.mkdtemp(prefix="convert-bench-", dir="/tmp"))
+    work = make_workdir(args.workdir, "convert-bench-")
     hf_in, base_out, cp_out = work / "hf_in", work / "baseline_out", work / "cp_out"
     mcore, hf_out = work / "mcore", work / "hf_out"
     t_start = time.perf_counter()

@@ -69,7 +69,6 @@ import pstats
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -362,13 +361,7 @@ def main() -> None:
     say = print if rank == 0 else (lambda *a, **k: None)
 
     if rank == 0:
-        if args.workdir:
-            work = Path(args.workdir)
-            work.mkdir(parents=True, exist_ok=True)
-            if any(work.iterdir()):
-                raise SystemExit(f"--workdir {work} is not empty")
-        else:
-            work = Path(tempfile.mkdtemp(prefix="resync-bench-", dir="/tmp"))
+        work = bench_convert.make_workdir(args.workdir, "resync-bench-")
     if tp > 1:
         box = [str(work) if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)

@@ -135,7 +135,7 @@ def hf_buckets(model, arch, bucket_bytes: int = 256 * 2**20, dtype: Optional[tor
             offs = tp_offsets.get((p.key, p.layer)) if tp_offsets is not None else None
             t = _assemble(p, local, topo, pdtype, offs) if local else torch.empty(p.shape, dtype=pdtype)
             if pipeline:  # the stage that owns it sends it; without PP every rank has it already
-                if t is local[0][1] if local else False:
+                if local and t is local[0][1]:
                     t = t.clone()  # never overwrite a parameter with the broadcast
                 dist.broadcast(t, src=topo.first_rank_of_stage[stage_of(p)])
             full[p.key] = t
