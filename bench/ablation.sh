@@ -13,7 +13,8 @@
 #        ptst_overlong  PTST + overlong reward shaping
 #      each RL policy is `checkpoints/best` (validation split), scored on the test split (greedy);
 #   4. results.jsonl -> results.md (mean ± std over seeds) and results.png (accuracy vs length).
-# Knobs (environment): RUN (runs/ablation), SEEDS (3: seeds 1..3), STAGE_STEPS (20 RL steps per PTST
+# Knobs (environment): RUN (runs/ablation), SEEDS (3: seeds 1..3), SEED_LIST (the seeds to run, e.g. "3" to
+# add one seed to an earlier run's results.jsonl; default 1..SEEDS), STAGE_STEPS (20 RL steps per PTST
 # stage; every arm's budget scales with it), COLDSTART_STEPS (0: the recipe's 2 epochs = 126 steps),
 # VAL_INTERVAL (5), N_TRAIN/N_VAL/N_TEST/N_SFT (2000/100/200/2000), ARMS (all of the above),
 # WRONG_RATE (0.3), OVERTHINK_RATE (0.4), KEEP (1: keep an existing data + cold start in $RUN).
@@ -23,6 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/ablation}
 SEEDS=${SEEDS:-3}
+SEED_LIST=${SEED_LIST:-$(seq 1 "$SEEDS")}
 S=${STAGE_STEPS:-20}
 COLDSTART_STEPS=${COLDSTART_STEPS:-0}
 VAL_INTERVAL=${VAL_INTERVAL:-5}
@@ -67,7 +69,7 @@ else
 fi
 COLD="$RUN/coldstart/checkpoints/shared"
 
-for seed in $(seq 1 "$SEEDS"); do
+for seed in $SEED_LIST; do
   for arm in $ARMS; do
     out="$RUN/$arm/seed$seed"
     rm -rf "$out" "$out.hf" "$out.log" "$out.cand"

@@ -78,6 +78,10 @@ class ParallelConfig:
     """RL: pack several rollouts into one row (block-diagonal attention, each rollout's own mRoPE
     positions) instead of one right-padded rollout per row. Ignored (one per row) under Transformer
     Engine's fused attention, which honours only the causal mask."""
+    rl_share_prompts: bool = True
+    """RL, packed rows: the rollouts of one prompt share one copy of the prompt (its tokens and
+    images are computed once per group, not once per rollout; each response sees the prompt and
+    itself only). Same logprobs and gradients as unshared rows, ~G-fold less prompt work."""
     recompute: bool = False
     """Recompute every transformer layer's activations in the backward pass (less memory, ~1/3 more compute)."""
 

@@ -539,7 +539,8 @@ def _packing_rollouts(hf_dir: str):
 
 
 def packing_equivalence(hf_dir: str, mcore_dir: str, layouts: list) -> dict:
-    """Padding-free RL micro-batches (rl/batch.py) against one rollout per row: per-rollout
+    """Padding-free RL micro-batches (rl/batch.py), without and with prompt sharing, against one
+    rollout per row: per-rollout
     logprobs, and one GRPO optimizer step (loss, grad norm), at each (tp, pp) layout."""
     from megatron.core import parallel_state as ps
 
@@ -556,11 +557,13 @@ def packing_equivalence(hf_dir: str, mcore_dir: str, layouts: list) -> dict:
     pad = proc.tokenizer.pad_token_id
     out = {}
     for tp, pp in layouts:
-        for packed in (False, True):
+        for mode in ("rows", "packed", "shared"):
             _init_layout(tp, pp, seed=1234)
             model = build_model(arch, ModelOptions(tp=tp, pp=pp))
             load_weights(model, mcore_dir)
-            kw = dict(pack=True, max_tokens=400) if packed else dict(pack=False, micro_batch_size=1)
+            kw = {"rows": dict(pack=False, micro_batch_size=1),
+                  "packed": dict(pack=True, share_prompts=False, max_tokens=400),
+                  "shared": dict(pack=True, share_prompts=True, max_tokens=400)}[mode]
             mbs, S = collate(scored, proc, arch, pad, n_steps=1, same_shape=pp > 1, **kw)
             per = {}
             for mb in mbs:
@@ -580,7 +583,7 @@ def packing_equivalence(hf_dir: str, mcore_dir: str, layouts: list) -> dict:
             opt = build_optimizer(ddp, OptimConfig(lr=1e-3, weight_decay=0.0))
             m = policy_update(ddp, opt, mbs, arch, LossSettings(kl_beta=0.01), global_tokens=gt, global_seqs=gs,
                               seq_length=S)
-            out[f"tp{tp}pp{pp}_{'packed' if packed else 'rows'}"] = {
+            out[f"tp{tp}pp{pp}_{mode}"] = {
                 "micro_batches": len(mbs), "rows": sum(mb.inputs.input_ids_BS.shape[0] for mb in mbs),
                 "tokens": sum(mb.inputs.input_ids_BS.numel() for mb in mbs), "logp": per,
                 "loss": m.loss, "grad_norm": m.grad_norm, "kl": m.kl, "ratio_mean": m.ratio_mean}

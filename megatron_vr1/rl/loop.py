@@ -314,7 +314,7 @@ def prepare_batches(run: RLRun, scored):
     batches, seq_len = collate(
         scored, run.processor, run.arch, run.processor.tokenizer.pad_token_id, n_steps=optimizer_steps(run),
         micro_batch_size=cfg.parallel.micro_batch_size, max_tokens=cfg.parallel.max_tokens_per_microbatch,
-        pack=cfg.parallel.rl_packing and not model.causal_mask_only,
+        pack=cfg.parallel.rl_packing and not model.causal_mask_only, share_prompts=cfg.parallel.rl_share_prompts,
         same_shape=ps.get_pipeline_model_parallel_world_size() > 1)
     temp = cfg.rollout.temperature
     for mb in batches:
