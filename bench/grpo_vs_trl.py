@@ -31,7 +31,10 @@ the two sides run one after the other, never at the same time.)
    to the end of step 1), and the processor (model name, avx512f/avx2); writes a JSON
    (--json, default <workdir>/result.json).
 
-Both sides get OMP_NUM_THREADS=--threads; TRL also calls torch.set_num_threads(--threads). Ours
+Both sides get OMP_NUM_THREADS=--threads; TRL also calls torch.set_num_threads(--threads). Both
+run under the same allocator: `megatron-vr1` preloads tcmalloc when it is installed
+(megatron_vr1/allocator.py), and TRL's process gets the same LD_PRELOAD (--trl-allocator glibc:
+TRL with the default allocator instead, as a plain `python` runs it). Ours
 runs vLLM with the project's own CPU settings (its KV size from the tiny recipe).
 """
 
@@ -367,6 +370,9 @@ def main() -> int:
     ap.add_argument("--only", choices=("ours", "trl"), help="run one side only")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per side before it is stopped")
     ap.add_argument("--json", type=Path, help="result file (default <workdir>/result.json)")
+    ap.add_argument("--trl-allocator", choices=("same", "glibc"), default="same",
+                    help="same: TRL runs under the allocator `megatron-vr1` preloads for itself (tcmalloc when "
+                         "installed, megatron_vr1/allocator.py); glibc: TRL as a plain `python` runs it")
     a = ap.parse_args()
     work = a.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -386,14 +392,19 @@ def main() -> int:
     order = prompt_order(p["data"] / "rl_train.parquet", a.steps)
     ids = first_batch_prompt_ids(p["hf"], p["data"] / "rl_train.parquet", order, min_px, max_px)
 
+    from megatron_vr1.allocator import env_with_tcmalloc, tcmalloc_path
+
+    ours_alloc = "tcmalloc" if tcmalloc_path() and env.get("MEGATRON_VR1_TCMALLOC", "1") != "0" else "glibc"
+    trl_env = env_with_tcmalloc(env) if a.trl_allocator == "same" and ours_alloc == "tcmalloc" else None
+    trl_alloc = "tcmalloc" if trl_env or "tcmalloc" in env.get("LD_PRELOAD", "") else "glibc"
     ours = run_ours(p, work, a.steps, env, a.timeout) if a.only != "trl" else None
-    trl = (run_trl(py, p, work, a.steps, a.threads, order, ids, env, a.timeout, min_px, max_px, cfg.optim)
+    trl = (run_trl(py, p, work, a.steps, a.threads, order, ids, trl_env or env, a.timeout, min_px, max_px, cfg.optim)
            if a.only != "ours" else None)
 
     s = summarize(ours, trl)
     print()
     print(f"processor: {cpu['model']}  avx512f={cpu['avx512f']} avx2={cpu['avx2']}  cores={cpu['cores']}  "
-          f"threads={a.threads}  steps={a.steps}")
+          f"threads={a.threads}  steps={a.steps}  allocator: ours {ours_alloc}, TRL {trl_alloc}")
     print(f"work: {PROMPTS} prompts x {GROUP} samples, max {MAX_TOKENS} new tokens, lr {LR:g}, no KL, "
           f"one optimizer step per rollout, fp32")
     if ours:
@@ -413,6 +424,7 @@ def main() -> int:
         print(f"SUMMARY ours/TRL = {s['ratio_ours_over_trl']:.2f}x s/step "
               f"({s['ours']['median_step_s']:.2f} vs {s['trl']['median_step_s']:.2f} s) on {cpu['model']}")
     result = {"processor": cpu, "threads": a.threads, "steps": a.steps, "python": sys.version.split()[0],
+              "allocator": {"ours": ours_alloc, "trl": trl_alloc},
               "work": {"prompts": PROMPTS, "group": GROUP, "max_tokens": MAX_TOKENS, "lr": LR,
                        "micro_batch": MICRO_BATCH, "seed": SEED},
               "summary": s, "ours": ours, "trl": trl}

@@ -67,6 +67,10 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command itself (not a call from Python): tcmalloc first (allocator.py)
+        from megatron_vr1.allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc()
     argv = sys.argv[1:] if argv is None else list(argv)
     quiet_libraries()
     top = _top_parser()

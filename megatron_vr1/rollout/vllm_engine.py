@@ -151,9 +151,11 @@ class VLLMEngine:
                  kv_cache_bytes: Optional[int] = 64 * 2**20, gpu_memory_utilization: float = 0.5,
                  max_images_per_prompt: int = 4, seed: int = 0, tensor_parallel_size: int = 1,
                  enable_sleep_mode: Optional[bool] = None, min_pixels: Optional[int] = None,
-                 max_pixels: Optional[int] = None, data_parallel_size: Optional[int] = None):
+                 max_pixels: Optional[int] = None, data_parallel_size: Optional[int] = None,
+                 engine_options: Optional[dict] = None):
         """`tensor_parallel_size`: ranks per engine replica; `data_parallel_size`: replicas (default:
-        world size / tensor_parallel_size). Under torch.distributed with more than one rank every rank
+        world size / tensor_parallel_size). `engine_options`: more keyword arguments for vLLM's
+        `LLM()` (e.g. max_num_seqs), applied last. Under torch.distributed with more than one rank every rank
         of the world must construct its engine together."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         quiet_vllm_num_threads_warning()
@@ -195,6 +197,7 @@ class VLLMEngine:
                 raise ValueError("rollout.kv_cache_gib must be set on CPU (vLLM would reserve ~12 GiB)")
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
             kwargs["enforce_eager"] = True
+        kwargs.update(engine_options or {})
         self.sleep_enabled = bool(kwargs.get("enable_sleep_mode"))
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -237,8 +240,10 @@ class VLLMEngine:
 
     def _run(self, prompts: list[RolloutPrompt], params, seed: Optional[int]) -> list:
         """`LLM.generate` on CPU with torch's generator seeded by `seed` (the caller's RNG restored after)."""
+        from megatron_vr1.platform import device_mode_suspended
+
         self._check_clean()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), device_mode_suspended():  # vLLM asks for no CUDA device
             if seed is not None and not self.cuda:
                 torch.manual_seed(seed)
             return self.llm.generate([self._request(p) for p in prompts], params, use_tqdm=False)
