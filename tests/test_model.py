@@ -145,3 +145,50 @@ def test_vision_tower_equal_segments_as_a_batch(tiny_hf, tiny_mcore, single_rank
     assert (outs[0] - outs[1]).abs().max() <= 1e-6
     assert len(grads[0]) == len(grads[1]) > 0
     assert max(float((a - b).abs().max()) for a, b in zip(*grads)) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["causal-no-mask", "packed-mask", "full-no-mask", "padding-mask"])
+def test_sdpa_core_attention_equals_megatron(single_rank, case):
+    """The local spec's core attention (torch SDPA) gives megatron's DotProductAttention outputs and
+    gradients (GQA 4 query heads / 2 groups), for every mask the model passes it: none with a
+    causal layer (LM), a boolean block-diagonal causal mask (packed RL rows), none with a
+    bidirectional layer (vision segments), causal + key padding."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_vr1.models.qwen25_vl.attention import SDPADotProductAttention
+    from megatron_vr1.models.qwen25_vl.model import causal_padding_mask
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                            attention_dropout=0.0, hidden_dropout=0.0)
+    mask_type = AttnMaskType.arbitrary if case == "full-no-mask" else AttnMaskType.causal
+    ref = DotProductAttention(cfg, layer_number=1, attn_mask_type=mask_type, attention_type="self")
+    ours = SDPADotProductAttention(cfg, layer_number=1, attn_mask_type=mask_type, attention_type="self")
+    S, B, hn = 37, 3, 16
+    g = torch.Generator().manual_seed(0)
+    q0, k0, v0 = (torch.randn(S, B, h, hn, generator=g) for h in (4, 2, 2))
+    mask = None
+    if case == "packed-mask":  # three samples per row, each causal and blind to the others
+        seg = torch.tensor([0] * 11 + [1] * 15 + [2] * 11)
+        mask = (torch.ones(S, S, dtype=torch.bool).triu(1) | (seg[:, None] != seg[None, :]))[None, None]
+    elif case == "padding-mask":
+        am = torch.ones(B, S, dtype=torch.long)
+        am[1, 30:] = 0
+        am[2, 20:] = 0
+        mask = causal_padding_mask(am)
+    outs, grads = [], []
+    for mod in (ref, ours):
+        q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
+        out = mod(q, k, v, mask)
+        assert out.shape == (S, B, 4 * hn)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append([q.grad, k.grad, v.grad])
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+    assert max(float((a - b).abs().max()) for a, b in zip(*grads)) <= 1e-5
+    # and the spec's layers use it
+    from megatron_vr1.models.qwen25_vl.model import layer_spec, vision_layer_spec
+
+    for spec in (layer_spec(False), vision_layer_spec(False)):
+        assert spec.submodules.self_attention.submodules.core_attention is SDPADotProductAttention

@@ -49,6 +49,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 from checkpoints_conv.arch import (  # noqa: E402
     VISION_FFN_PAD_MULTIPLE, VOCAB_PAD_MULTIPLE, PaddedSizes, check_parallel_fits, padded_sizes,
 )
+from megatron_vr1.models.qwen25_vl.attention import SDPADotProductAttention  # noqa: E402
 from megatron_vr1.models.qwen25_vl.windows import vision_windows  # noqa: E402
 
 def te_available() -> bool:
@@ -173,7 +174,10 @@ def layer_spec(use_te: bool, fp8: Optional[str] = None) -> ModuleSpec:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # local spec: megatron's DotProductAttention math through torch's fused SDPA (attention.py)
+    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    return spec
 
 
 def vision_layer_spec(use_te: bool) -> ModuleSpec:
