@@ -146,6 +146,17 @@ class TextCompletion:
     num_tokens: int
 
 
+def _sampled_logprobs(logprobs, ids: list[int]) -> list[float]:
+    """The logprob of each sampled token from a completion's `logprobs` (requested with logprobs=0:
+    the sampled token only), flat (`FlatLogprobs`) or one dict per position."""
+    if hasattr(logprobs, "start_indices"):  # FlatLogprobs: one entry per position
+        if logprobs.token_ids != ids or len(logprobs.logprobs) != len(ids):
+            raise RuntimeError(f"vLLM returned logprobs for other tokens than it sampled "
+                               f"({len(logprobs.logprobs)} entries for {len(ids)} tokens)")
+        return list(logprobs.logprobs)
+    return [d[t].logprob for d, t in zip(logprobs, ids)]
+
+
 class VLLMEngine:
     def __init__(self, hf_dir: str | os.PathLike, arch, *, dtype: str = "float32", max_model_len: int = 2048,
                  kv_cache_bytes: Optional[int] = 64 * 2**20, gpu_memory_utilization: float = 0.5,
@@ -250,6 +261,7 @@ class VLLMEngine:
 
     def generate(self, prompts: list[RolloutPrompt], sampling: SamplingSettings) -> list[list[Rollout]]:
         sp = self._sampling_params(sampling, logprobs=0)
+        sp.flat_logprobs = True  # one flat list per completion instead of a dict and a Logprob per token
         t0 = time.perf_counter()
         outs = self._run(prompts, sp, sampling.seed)
         dt = time.perf_counter() - t0
@@ -258,7 +270,7 @@ class VLLMEngine:
             group = []
             for j, c in enumerate(o.outputs):
                 ids = list(c.token_ids)
-                lps = [d[t].logprob for d, t in zip(c.logprobs, ids)]
+                lps = _sampled_logprobs(c.logprobs, ids)
                 group.append(Rollout(
                     prompt_index=i, sample_index=j, prompt_ids=list(o.prompt_token_ids), response_ids=ids,
                     response_logprobs=lps, finish_reason="length" if c.finish_reason == "length" else "stop",
