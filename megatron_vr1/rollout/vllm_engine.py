@@ -147,14 +147,12 @@ class TextCompletion:
 
 
 def _sampled_logprobs(logprobs, ids: list[int]) -> list[float]:
-    """The logprob of each sampled token from a completion's `logprobs` (requested with logprobs=0:
-    the sampled token only), flat (`FlatLogprobs`) or one dict per position."""
-    if hasattr(logprobs, "start_indices"):  # FlatLogprobs: one entry per position
-        if logprobs.token_ids != ids or len(logprobs.logprobs) != len(ids):
-            raise RuntimeError(f"vLLM returned logprobs for other tokens than it sampled "
-                               f"({len(logprobs.logprobs)} entries for {len(ids)} tokens)")
-        return list(logprobs.logprobs)
-    return [d[t].logprob for d, t in zip(logprobs, ids)]
+    """The logprob of each sampled token from a completion's `FlatLogprobs` (requested with
+    logprobs=0 and flat_logprobs: one entry per position, the sampled token's)."""
+    if logprobs.token_ids != ids:
+        raise RuntimeError(f"vLLM returned logprobs for other tokens than it sampled "
+                           f"({len(logprobs.token_ids)} entries for {len(ids)} tokens)")
+    return list(logprobs.logprobs)
 
 
 class VLLMEngine:

@@ -25,7 +25,6 @@ params. `tests/test_model.py` checks outputs and gradients against megatron's pa
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
