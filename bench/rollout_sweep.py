@@ -9,12 +9,14 @@ tokens, temperature 1, a new seed per repeat. Each setting runs in its own proce
 its CPU environment variables once): engine start-up seconds, then the median of --repeats
 generate calls after one warm-up call, tokens generated per call, tokens per second, and the
 ratio to the recipe's own setting (the first row). Settings:
-  recipe          what `megatron-vr1 train` uses (eager, KV from the tiny recipe, vLLM's defaults)
+  recipe          the engine's CPU defaults (eager, KV from the tiny recipe, vLLM's defaults);
+                  `megatron-vr1 train` compiles (rollout.compile): the `compiled` row
   nobind          VLLM_CPU_OMP_THREADS_BIND=nobind (vLLM leaves the OpenMP threads unpinned)
   omp1            OMP_NUM_THREADS=1 (one core for the engine)
   kv_small/kv_big 0.05 / 1.0 GiB of KV cache instead of the recipe's 0.25
   seqs_32/seqs_64 max_num_seqs 32 / 64 (vLLM's CPU default is larger: all 128 requests at once)
-  compiled        enforce_eager off: vLLM's torch.compile of the model (start-up pays the compile)
+  compiled        enforce_eager off: vLLM's torch.compile of the model (start-up pays the compile;
+                  what the RL loop runs)
   tcmalloc, iomp  LD_PRELOAD of tcmalloc (Debian libgoogle-perftools4) / Intel OpenMP (the venv's
                   libiomp5.so), as vLLM's CPU start-up message recommends; tcmalloc_iomp: both
 Run it on an otherwise idle machine: the settings run one after the other.
@@ -46,7 +48,7 @@ SETTINGS = {
     "kv_big": ({}, {"kv_gib": 1.0}),
     "seqs_32": ({}, {"engine_options": {"max_num_seqs": 32}}),
     "seqs_64": ({}, {"engine_options": {"max_num_seqs": 64}}),
-    "compiled": ({}, {"engine_options": {"enforce_eager": False}}),
+    "compiled": ({}, {"compile": True}),
     "tcmalloc": ({"LD_PRELOAD": "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}, {}),
     "iomp": ({"LD_PRELOAD": str(REPO / ".venv" / "lib" / "libiomp5.so")}, {}),
     "tcmalloc_iomp": ({"LD_PRELOAD": "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:"
@@ -70,7 +72,7 @@ def one(work: Path, repeats: int, opts: dict) -> dict:
     prompts = [build_prompt(rows[i], proc, None) for i in order]
     t0 = time.perf_counter()
     engine = VLLMEngine(hf, arch, max_model_len=256, kv_cache_bytes=int(opts.get("kv_gib", KV_GIB) * 2**30),
-                        seed=0, engine_options=opts.get("engine_options"))
+                        seed=0, compile=opts.get("compile"), engine_options=opts.get("engine_options"))
     start = time.perf_counter() - t0
     secs, toks = [], []
     for r in range(repeats + 1):

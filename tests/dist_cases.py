@@ -139,13 +139,14 @@ def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: 
 
     prompts = [RolloutPrompt(chat("How many red shapes are there?", 0)),
                RolloutPrompt(chat("How many red shapes are there?", 1), [_image(112, 112, 7)])]
-    # continuations sampled by the engine itself (what RL scores)
-    groups = engine.generate(prompts, SamplingSettings(n=1, max_tokens=12, temperature=1.0, seed=3))
+    # continuations sampled by the engine itself (what RL scores); 3 samples per prompt, so the
+    # later samples are served the prompt's KV from the prefix cache (CPU_BLOCK_SIZE)
+    groups = engine.generate(prompts, SamplingSettings(n=3, max_tokens=12, temperature=1.0, seed=3))
 
-    def megatron_lp():
+    def megatron_lp(sample=0):
         res = []
         for p, g in zip(prompts, groups):
-            r = g[0]
+            r = g[sample]
             enc = proc(text=[p.text], images=p.images or None, return_tensors="pt")
             assert enc["input_ids"][0].tolist() == r.prompt_ids, "processor and engine disagree on prompt ids"
             ids = torch.tensor([r.prompt_ids + r.response_ids])
@@ -163,7 +164,10 @@ def engine_resync(hf_dir: str, mcore_dir: str, tp: int, pp: int, check_failure: 
     out = {}
     before_m = megatron_lp()
     out["before"] = maxdiff(before_m, engine_lp())
-    out["sampled_vs_megatron"] = maxdiff(before_m, [torch.tensor(g[0].response_logprobs) for g in groups])
+    out["sampled_vs_megatron"] = max(maxdiff(before_m if k == 0 else megatron_lp(k),
+                                             [torch.tensor(g[k].response_logprobs) for g in groups])
+                                     for k in range(3))
+    out["prompt_tokens"] = [len(g[0].prompt_ids) for g in groups]
 
     # one gradient step on the Megatron weights (the loss: -logp of the sampled image continuation)
     r = groups[1][0]

