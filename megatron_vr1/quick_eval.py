@@ -54,7 +54,10 @@ def main(argv=None) -> int:
     r = greedy_accuracy(a.hf, a.data, a.max_tokens)
     print(json.dumps(r))
     if a.json:
-        Path(a.json).write_text(json.dumps(r) + "\n")
+        out = Path(a.json)
+        tmp = out.with_name(out.name + ".tmp")  # never a half-written result: write, then rename
+        tmp.write_text(json.dumps(r) + "\n")
+        tmp.replace(out)
     return 0
 
 
