@@ -105,7 +105,7 @@ def test_tiny_recipe_loads():
     cfg = load_config(TINY)
     assert cfg.model.hf_path == REPO / "runs" / "tiny" / "hf"
     assert cfg.model.params_dtype == "float32"
-    assert cfg.optim.lr == pytest.approx(1e-4) and cfg.optim.warmup_ratio == pytest.approx(0.1)
+    assert cfg.optim.lr == pytest.approx(2e-4) and cfg.optim.warmup_ratio == pytest.approx(0.1)
     assert [s.max_response_length for s in cfg.ptst.stages] == [32, 48, 64]
     assert cfg.rollout.prompts_per_step % cfg.grpo.minibatch_prompts == 0
     assert cfg.run_dir == REPO / "runs" / "tiny" / "rl"
