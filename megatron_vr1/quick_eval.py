@@ -54,10 +54,9 @@ def main(argv=None) -> int:
     r = greedy_accuracy(a.hf, a.data, a.max_tokens)
     print(json.dumps(r))
     if a.json:
-        out = Path(a.json)
-        tmp = out.with_name(out.name + ".tmp")  # never a half-written result: write, then rename
-        tmp.write_text(json.dumps(r) + "\n")
-        tmp.replace(out)
+        from megatron_vr1.coldstart.store import atomic_write_text  # never a half-written result
+
+        atomic_write_text(Path(a.json), json.dumps(r) + "\n")
     return 0
 
 
